@@ -1,0 +1,112 @@
+/* config.h — the one INI file both programs read (DESIGN.md "Configuration").
+ *
+ * Every key can be overridden by the environment variable
+ * JETFLEET_<SECTION>_<KEY> (upper case, '.' and '-' as '_'), e.g.
+ * JETFLEET_NATS_URL or JETFLEET_SERVICE_LLM_MAX_DELIVER. An override wins
+ * over the file. Unknown sections and keys are errors (a typo must not be
+ * ignored silently); errors name the file, line and key, or the variable. */
+#ifndef JF_CONFIG_H
+#define JF_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "duration.h"
+#include "log.h"
+#include "status.h"
+
+#define JF_MAX_SERVICES 64
+#define JF_MAX_BACKOFF 16
+#define JF_NAME_MAX 64 /* service names: subject tokens of at most this many bytes */
+
+typedef enum jf_handler_kind {
+    JF_KIND_NOOP = 0,
+    JF_KIND_HTTP,
+} jf_handler_kind;
+
+typedef struct jf_nats_config {
+    char *url;       /* comma-separated server list; default nats://127.0.0.1:4222 */
+    char *name;      /* connection name shown in server monitoring; default program name */
+    char *user;      /* user/password auth */
+    char *password;
+    char *token;
+    char *creds;     /* path of a .creds file (JWT + seed) */
+    char *nkey_seed; /* path of a file holding an nkey seed */
+    char *tls_ca;    /* CA bundle; setting any tls_* key turns TLS on */
+    char *tls_cert;
+    char *tls_key;
+    int64_t connect_timeout_ms; /* default 5s */
+    int64_t reconnect_wait_ms;  /* default 2s; jitter 0..1s is added */
+    int64_t request_timeout_ms; /* JetStream API and PubAck wait; default 5s */
+} jf_nats_config;
+
+typedef struct jf_stream_config {
+    char *name;                  /* JOBS */
+    char *dlq;                   /* JOBS_DLQ */
+    int64_t max_age_ms;          /* JOBS max_age; default 7d */
+    int64_t dlq_max_age_ms;      /* JOBS_DLQ max_age; default 30d */
+    int64_t duplicate_window_ms; /* default 2m */
+    int replicas;                /* default 1 */
+    int64_t max_bytes;           /* -1 = unlimited (default) */
+} jf_stream_config;
+
+typedef struct jf_consumer_config {
+    int max_in_flight;          /* per process; default 256 */
+    int pull_batch;             /* largest single pull; default 128 */
+    int pulls;                  /* open pulls per durable at most; default 4 */
+    int64_t pull_expires_ms;    /* default 5s */
+    int priority_weights[3];    /* high, normal, low shares of a busy process; default 6,3,1 */
+    int64_t shutdown_grace_ms;  /* default 30s */
+    int64_t stats_interval_ms;  /* 0 = no periodic stats line; default 0 */
+} jf_consumer_config;
+
+typedef struct jf_publisher_config {
+    int max_pending;       /* async publishes awaiting a PubAck; default 1024 */
+    int64_t timeout_ms;    /* per-message PubAck timeout; default 5s */
+} jf_publisher_config;
+
+typedef struct jf_service_config {
+    char name[JF_NAME_MAX + 1];
+    int line;                  /* line of the [service.X] header, for messages */
+    jf_handler_kind kind;
+    char *url;                 /* http */
+    int64_t timeout_ms;        /* per call; default 30s */
+    int max_deliver;           /* real attempts; default 5 */
+    int64_t backoff_ms[JF_MAX_BACKOFF];
+    size_t backoff_n;          /* default 1s,5s,30s */
+    int fleet_in_flight;       /* MaxAckPending of each durable; default 1000 */
+    int64_t ack_wait_ms;       /* durable AckWait; default 30s */
+    jf_rate rate;              /* fleet-wide; period 0 = none */
+    int64_t delay_ms;          /* noop: simulated work per job; default 0 */
+    int fail_attempts;         /* noop: the first N attempts of every job fail (retryable); default 0 */
+} jf_service_config;
+
+typedef struct jf_config {
+    char *path;                /* the file read, or NULL when none */
+    jf_log_level log_level;    /* [log] level; default info */
+    jf_nats_config nats;
+    jf_stream_config stream;
+    char *postgres_dsn;        /* [postgres] dsn; NULL/empty = no ledger */
+    jf_consumer_config consumer;
+    jf_publisher_config publisher;
+    jf_service_config services[JF_MAX_SERVICES];
+    size_t nservices;
+} jf_config;
+
+/* Loads defaults, then path (when not NULL), then the environment, then
+ * checks the whole (e.g. max_in_flight >= 3 x services). When path is NULL
+ * and "jetfleet.ini" exists in the working directory, that file is read.
+ * A path given but missing is an error. The caller owns *out. */
+jf_status jf_config_load(jf_config **out, const char *path, jf_error *err);
+
+/* The same from a string (tests); name is used in messages. */
+jf_status jf_config_load_string(jf_config **out, const char *text, const char *name,
+                                jf_error *err);
+
+void jf_config_destroy(jf_config *cfg);
+
+/* The service called name, or NULL. */
+const jf_service_config *jf_config_service(const jf_config *cfg, const char *name);
+
+#endif
