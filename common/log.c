@@ -90,12 +90,12 @@ void jf_log_emit(jf_log_level level, const char *msg, const jf_log_field *fields
     size_t len = 0;
     struct timespec ts;
     struct tm tm;
-    char tbuf[40];
+    char tbuf[96];
 
     clock_gettime(CLOCK_REALTIME, &ts);
     gmtime_r(&ts.tv_sec, &tm);
     snprintf(tbuf, sizeof tbuf, "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ", tm.tm_year + 1900,
-             tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000);
+             tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, (long)(ts.tv_nsec / 1000000) % 1000);
 
     len = put(line, len, sizeof line, "{\"ts\":\"");
     len = put(line, len, sizeof line, tbuf);
