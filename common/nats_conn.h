@@ -5,6 +5,7 @@
 #define JF_NATS_CONN_H
 
 #include <nats/nats.h>
+#include <stdbool.h>
 
 #include "config.h"
 #include "status.h"
@@ -15,6 +16,10 @@ typedef struct jf_nats_callbacks {
     jf_nats_event_cb on_disconnected; /* optional, called on a NATS thread */
     jf_nats_event_cb on_reconnected;  /* optional, called on a NATS thread */
     void *closure;
+    /* Deliver messages of all subscriptions through nats.c's global
+     * delivery thread pool instead of a thread per subscription (the
+     * consumer opens a short-lived subscription per pull request). */
+    bool global_delivery;
 } jf_nats_callbacks;
 
 /* Connects (retrying the first connect until connect_timeout passes). cbs
