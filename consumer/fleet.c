@@ -11,10 +11,13 @@
  * answers. That keeps the count of requested-but-undelivered messages exact,
  * and with it the bound in_flight + requested <= max_in_flight.
  *
- * Priorities: a durable that recently had work is "busy"; an idle durable
- * keeps one probe pull of size 1 open. The process's capacity is shared
- * between busy durables by priority weight (default high 6 : normal 3 :
- * low 1), so high is served first and most, and low is never starved.
+ * Priorities: a durable with a backlog is "busy" (every delivery's metadata
+ * says how many messages are still pending for it); an idle durable keeps
+ * one probe pull of size 1 open. The process's capacity is shared between
+ * busy durables by priority weight (default high 6 : normal 3 : low 1), so
+ * high is served first and most, and low is never starved. Pulls are sized
+ * to the known backlog, because a pull cannot be taken back: an oversized
+ * one would hold capacity other priorities could use until it expires.
  * Capacity moves between durables as jobs finish, never by taking jobs back.
  *
  * Attempts: a job's attempt number is the server's delivery count. The
@@ -72,6 +75,7 @@ typedef struct durable {
     int weight;
     int in_flight; /* jobs of this durable held by this process */
     int requested; /* asked for in open pulls, not yet delivered */
+    int64_t backlog; /* pending after the latest delivery (server's view) */
     bool busy;
     int64_t hold_until_ms;
     pull pulls[MAX_PULLS];
@@ -420,6 +424,8 @@ static void start_job(jf_fleet *f, durable *d, natsMsg *m)
     job->reply = natsMsg_GetReply(m);
     job->seq = meta->Sequence.Stream;
     job->delivered = meta->NumDelivered;
+    d->backlog = (int64_t)meta->NumPending;
+    d->busy = d->backlog > 0;
     snprintf(job->stream, sizeof job->stream, "%s", meta->Stream ? meta->Stream : "");
     jsMsgMetaData_Destroy(meta);
     job->progress_ms = now_ms();
@@ -551,8 +557,9 @@ static void schedule(jf_fleet *f)
     int cap_busy = cc->max_in_flight - idle;
     int64_t now = now_ms();
 
-    for (int i = 0; i < f->ndurables; i++) {
-        durable *d = &f->durables[i];
+    /* Priority-major order: when room is short, high pulls first. */
+    for (int k = 0; k < f->ndurables; k++) {
+        durable *d = &f->durables[(k % f->nservices) * JF_PRIO_COUNT + k / f->nservices];
         if (d->hold_until_ms > now)
             continue;
         int target = 1;
@@ -562,7 +569,17 @@ static void schedule(jf_fleet *f)
                 target = 1;
         }
         for (;;) {
-            int want = target - d->in_flight - d->requested;
+            int want = d->npulls == 0 ? 1 : 0; /* an idle durable's probe */
+            if (d->busy) {
+                /* Its share, but no more than the backlog still
+                 * unrequested. */
+                int share = target - d->in_flight - d->requested;
+                int64_t unrequested = d->backlog - d->requested;
+                if (share > unrequested)
+                    share = unrequested > 0 ? (int)unrequested : 0;
+                if (share > want)
+                    want = share;
+            }
             int room = cc->max_in_flight - f->in_flight - f->requested;
             if (want > room)
                 want = room;
@@ -624,8 +641,10 @@ static void handle_status(jf_fleet *f, durable *d, pull *p, const char *status, 
         return;
     if (strcmp(status, "408") == 0 || strcmp(status, "404") == 0) {
         /* Expired: whatever it did not bring is no longer coming. */
-        if (p->remaining == p->batch)
+        if (p->remaining == p->batch) {
             d->busy = false;
+            d->backlog = 0;
+        }
         close_pull(f, d, p);
         return;
     }
@@ -658,7 +677,6 @@ static void handle_pull_event(jf_fleet *f, event *ev)
         d->requested--;
         f->requested--;
         p->last_ms = now_ms();
-        d->busy = true;
         d->silent = 0;
         if (p->remaining == 0)
             close_pull(f, d, p);
@@ -704,8 +722,6 @@ static void drain_events(jf_fleet *f)
             /* Pull requests may have died with the old connection; start
              * afresh (late deliveries on old pulls are handled as strays). */
             close_all_pulls(f);
-            for (int k = 0; k < f->ndurables; k++)
-                f->durables[k].busy = true;
             break;
         }
     }
@@ -952,7 +968,8 @@ jf_status jf_fleet_create(jf_fleet **out, const jf_fleet_options *opts, jf_error
             d->svc = &f->services[i];
             d->prio = (jf_priority)p;
             d->weight = cfg->consumer.priority_weights[p];
-            d->busy = true; /* assume work until a pull says otherwise */
+            d->busy = false; /* its probe finds out */
+            d->backlog = 0;
             jf_durable_name(d->name, sizeof d->name, d->svc->cfg->name, d->prio);
             snprintf(d->next_subject, sizeof d->next_subject, "$JS.API.CONSUMER.MSG.NEXT.%s.%s",
                      cfg->stream.name, d->name);
