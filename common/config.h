@@ -4,7 +4,11 @@
  * JETFLEET_<SECTION>_<KEY> (upper case, '.' and '-' as '_'), e.g.
  * JETFLEET_NATS_URL or JETFLEET_SERVICE_LLM_MAX_DELIVER. An override wins
  * over the file. Unknown sections and keys are errors (a typo must not be
- * ignored silently); errors name the file, line and key, or the variable. */
+ * ignored silently); errors name the file, line and key, or the variable.
+ * Services are declared only by [service.NAME] sections of the file (the
+ * environment can override their keys, not add services); each needs `kind`.
+ * Optional strings left empty are NULL. Secrets (password, token, dsn, URLs)
+ * never appear in an error message. jetfleet.ini.example lists every key. */
 #ifndef JF_CONFIG_H
 #define JF_CONFIG_H
 
@@ -27,7 +31,7 @@ typedef enum jf_handler_kind {
 
 typedef struct jf_nats_config {
     char *url;       /* comma-separated server list; default nats://127.0.0.1:4222 */
-    char *name;      /* connection name shown in server monitoring; default program name */
+    char *name;      /* connection name shown in server monitoring; NULL: the program's name */
     char *user;      /* user/password auth */
     char *password;
     char *token;
