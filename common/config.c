@@ -867,6 +867,11 @@ static jf_status check_whole(parse_ctx *c)
                      o1, cc->max_in_flight, cfg->nservices, 3 * cfg->nservices, 3 * cfg->nservices);
         return JF_ERR_INVALID;
     }
+    if (cc->pull_batch > cc->max_in_flight && fixed_src(c, S_CONSUMER, "pull_batch") == 0) {
+        /* The default batch follows a small max_in_flight down: nobody who
+         * sets max_in_flight = 64 should have to set pull_batch too. */
+        c->cfg->consumer.pull_batch = cc->max_in_flight;
+    }
     if (cc->pull_batch > cc->max_in_flight) {
         /* Lead with the key the user set, so the location points at it. */
         int batch_src = fixed_src(c, S_CONSUMER, "pull_batch");
