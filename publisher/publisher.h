@@ -14,7 +14,7 @@
 
 #define JF_PUBLISHER_PROG "jetfleet-publisher"
 #ifndef JF_VERSION
-#define JF_VERSION "0.1.0" /* keep in step with project(VERSION) in CMakeLists.txt */
+#define JF_VERSION JETFLEET_VERSION /* from project(VERSION) in CMakeLists.txt */
 #endif
 
 /* Exit codes of the CLI contract. */
