@@ -205,7 +205,10 @@ static int is_token(const char *s, size_t len, size_t max)
     return 1;
 }
 
-static const key_def *find_key(const key_def *keys, size_t n, const char *name, size_t *idx)
+/* noinline: once inlined into callers with constant names, GCC 12 at -O3
+ * mistakes the key table for fixed-size arrays and warns (-Wstring-compare). */
+__attribute__((noinline)) static const key_def *find_key(const key_def *keys, size_t n,
+                                                         const char *name, size_t *idx)
 {
     for (size_t i = 0; i < n; i++) {
         if (strcmp(keys[i].name, name) == 0) {
