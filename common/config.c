@@ -43,6 +43,7 @@ typedef enum key_type {
     T_LEVEL,
     T_KIND,
     T_WEIGHTS, /* three ints in [min, max] */
+    T_BOOL,    /* true/false, yes/no, on/off, 1/0 */
 } key_type;
 
 typedef struct key_def {
@@ -83,8 +84,24 @@ static const key_def stream_keys[] = {
     {"max_bytes", T_BYTES, CFG(stream.max_bytes), 0, 1, INT64_MAX, 0},
 };
 
+#define BREAKER_KEYS(F)                                                                            \
+    {"breaker_window", T_INT, F(window), 0, 1, 1000, 0},                                           \
+        {"breaker_min_calls", T_INT, F(min_calls), 0, 1, 1000, 0},                                 \
+        {"breaker_failure_rate", T_INT, F(failure_rate), 0, 1, 100, 0},                            \
+        {"breaker_slow_call", T_DURATION, F(slow_call_ms), 0, 0, DAY_MS, 0},                       \
+        {"breaker_slow_rate", T_INT, F(slow_rate), 0, 1, 100, 0},                                  \
+        {"breaker_open", T_DURATION, F(open_ms), 0, 10, DAY_MS, 0},                                \
+        {"breaker_open_max", T_DURATION, F(open_max_ms), 0, 10, DAY_MS, 0},                        \
+        {"breaker_probes", T_INT, F(probes), 0, 1, 1000, 0}
+
+#define LEDGER_BREAKER(f) CFG(ledger_breaker.f)
+#define SVC_BREAKER(f)    SVC(breaker.f)
+
 static const key_def postgres_keys[] = {
     {"dsn", T_STR, CFG(postgres_dsn), 0, 0, 0, 1},
+    {"connections", T_INT, CFG(postgres_connections), 0, 1, 64, 0},
+    {"statement_timeout", T_DURATION, CFG(postgres_statement_timeout_ms), 0, 0, DAY_MS, 0},
+    BREAKER_KEYS(LEDGER_BREAKER),
 };
 
 static const key_def consumer_keys[] = {
@@ -115,12 +132,25 @@ static const key_def service_keys[] = {
     {"fleet_in_flight", T_INT, SVC(fleet_in_flight), 0, 1, 1000000, 0},
     {"ack_wait", T_DURATION, SVC(ack_wait_ms), 0, 100, DAY_MS, 0},
     {"rate", T_RATE, SVC(rate), 0, 0, 0, 0},
+    {"burst", T_INT, SVC(burst), 0, 1, 1000000, 0},
     {"delay", T_DURATION, SVC(delay_ms), 0, 0, HOUR_MS, 0},
     {"fail_attempts", T_INT, SVC(fail_attempts), 0, 0, 1000, 0},
+    {"tls_ca", T_STR, SVC(tls_ca), 0, 0, 0, 0},
+    {"tls_verify", T_BOOL, SVC(tls_verify), 0, 0, 0, 0},
+    {"auth_header", T_STR, SVC(auth_header), 0, 0, 0, 1},
+    {"auth_header_file", T_STR, SVC(auth_header_file), 0, 0, 0, 0},
+    {"auth_header_env", T_STR, SVC(auth_header_env), 0, 0, 0, 0},
+    {"max_response", T_BYTES, SVC(max_response), 0, 1, INT64_C(1) << 40, 0},
+    {"retry_after_max", T_DURATION, SVC(retry_after_max_ms), 0, 0, DAY_MS, 0},
+    {"result_required", T_STR, SVC(result_required), 0, 0, 0, 0},
+    {"max_connections", T_INT, SVC(max_connections), 0, 0, 100000, 0},
+    {"sql", T_STR, SVC(sql), 0, 0, 0, 0},
+    {"dsn", T_STR, SVC(dsn), 0, 0, 0, 1},
+    BREAKER_KEYS(SVC_BREAKER),
 };
 
 #define NKEYS(a) (sizeof(a) / sizeof((a)[0]))
-#define KEYS_MAX 16 /* most keys of any section */
+#define KEYS_MAX 40 /* most keys of any section */
 _Static_assert(NKEYS(nats_keys) <= KEYS_MAX, "raise KEYS_MAX");
 _Static_assert(NKEYS(stream_keys) <= KEYS_MAX, "raise KEYS_MAX");
 _Static_assert(NKEYS(consumer_keys) <= KEYS_MAX, "raise KEYS_MAX");
@@ -392,8 +422,22 @@ static jf_status set_value(void *base, const key_def *k, const char *value, char
             *(jf_handler_kind *)(void *)field = JF_KIND_NOOP;
         } else if (strcmp(value, "http") == 0) {
             *(jf_handler_kind *)(void *)field = JF_KIND_HTTP;
+        } else if (strcmp(value, "postgres") == 0) {
+            *(jf_handler_kind *)(void *)field = JF_KIND_POSTGRES;
         } else {
-            snprintf(why, cap, "expected http or noop%s", got);
+            snprintf(why, cap, "expected http, postgres or noop%s", got);
+            return JF_ERR_INVALID;
+        }
+        return JF_OK;
+    case T_BOOL:
+        if (strcmp(value, "true") == 0 || strcmp(value, "yes") == 0 ||
+            strcmp(value, "on") == 0 || strcmp(value, "1") == 0) {
+            *(bool *)(void *)field = true;
+        } else if (strcmp(value, "false") == 0 || strcmp(value, "no") == 0 ||
+                   strcmp(value, "off") == 0 || strcmp(value, "0") == 0) {
+            *(bool *)(void *)field = false;
+        } else {
+            snprintf(why, cap, "expected true or false%s", got);
             return JF_ERR_INVALID;
         }
         return JF_OK;
@@ -439,6 +483,18 @@ static jf_status set_value(void *base, const key_def *k, const char *value, char
 
 /* --- defaults ------------------------------------------------------------ */
 
+static void breaker_defaults(jf_breaker_config *b)
+{
+    b->window = 20;
+    b->min_calls = 10;
+    b->failure_rate = 50;
+    b->slow_call_ms = 0;
+    b->slow_rate = 100;
+    b->open_ms = 5 * SEC_MS;
+    b->open_max_ms = 5 * MIN_MS;
+    b->probes = 3;
+}
+
 static void service_defaults(jf_service_config *s)
 {
     memset(s, 0, sizeof *s);
@@ -451,6 +507,11 @@ static void service_defaults(jf_service_config *s)
     s->backoff_n = 3;
     s->fleet_in_flight = 1000;
     s->ack_wait_ms = 30 * SEC_MS;
+    s->burst = 1;
+    s->tls_verify = true;
+    s->max_response = INT64_C(1) << 20;
+    s->retry_after_max_ms = 10 * MIN_MS;
+    breaker_defaults(&s->breaker);
 }
 
 static jf_status config_defaults(jf_config *c)
@@ -473,6 +534,9 @@ static jf_status config_defaults(jf_config *c)
     c->consumer.priority_weights[2] = 1;
     c->consumer.shutdown_grace_ms = 30 * SEC_MS;
     c->consumer.stats_interval_ms = 0;
+    c->postgres_connections = 2;
+    c->postgres_statement_timeout_ms = 30 * SEC_MS;
+    breaker_defaults(&c->ledger_breaker);
     c->publisher.max_pending = 1024;
     c->publisher.timeout_ms = 5 * SEC_MS;
     c->nats.url = dup_str("nats://127.0.0.1:4222");
@@ -833,8 +897,28 @@ static jf_status check_whole(parse_ctx *c)
         char section[sizeof SERVICE_PREFIX + JF_NAME_MAX];
         snprintf(section, sizeof section, "%s%s", SERVICE_PREFIX, s->name);
         if (svc_src(c, i, "kind") == 0) {
-            jf_error_set(c->err, "%s:%d: [%s] kind: missing (http or noop)", c->name, s->line,
+            jf_error_set(c->err, "%s:%d: [%s] kind: missing (http, postgres or noop)", c->name, s->line,
                          section);
+            return JF_ERR_INVALID;
+        }
+        if (s->kind == JF_KIND_POSTGRES && s->sql == NULL) {
+            origin(o1, sizeof o1, c, section, "kind", svc_src(c, i, "kind"));
+            jf_error_set(c->err,
+                         "%s: [%s] kind = postgres needs sql = SELECT your_function($1::jsonb)",
+                         o1, section);
+            return JF_ERR_INVALID;
+        }
+        if (s->kind == JF_KIND_POSTGRES && s->dsn == NULL && cfg->postgres_dsn == NULL) {
+            origin(o1, sizeof o1, c, section, "kind", svc_src(c, i, "kind"));
+            jf_error_set(c->err, "%s: [%s] kind = postgres needs dsn here or in [postgres]", o1,
+                         section);
+            return JF_ERR_INVALID;
+        }
+        if (s->breaker.min_calls > s->breaker.window) {
+            origin(o1, sizeof o1, c, section, "breaker_min_calls",
+                   svc_src(c, i, "breaker_min_calls"));
+            jf_error_set(c->err, "%s: [%s] breaker_min_calls = %d exceeds breaker_window = %d", o1,
+                         section, s->breaker.min_calls, s->breaker.window);
             return JF_ERR_INVALID;
         }
         if (s->kind == JF_KIND_HTTP && s->url == NULL) {
@@ -1023,8 +1107,17 @@ void jf_config_destroy(jf_config *cfg)
     free(cfg->stream.name);
     free(cfg->stream.dlq);
     free(cfg->postgres_dsn);
-    for (size_t i = 0; i < cfg->nservices; i++)
-        free(cfg->services[i].url);
+    for (size_t i = 0; i < cfg->nservices; i++) {
+        jf_service_config *s = &cfg->services[i];
+        free(s->url);
+        free(s->tls_ca);
+        free(s->auth_header);
+        free(s->auth_header_file);
+        free(s->auth_header_env);
+        free(s->result_required);
+        free(s->sql);
+        free(s->dsn);
+    }
     free(cfg);
 }
 

@@ -27,7 +27,20 @@
 typedef enum jf_handler_kind {
     JF_KIND_NOOP = 0,
     JF_KIND_HTTP,
+    JF_KIND_POSTGRES,
 } jf_handler_kind;
+
+/* A count-based circuit breaker (per service, and one for the ledger). */
+typedef struct jf_breaker_config {
+    int window;            /* last N calls judged; default 20 */
+    int min_calls;         /* no verdict before this many calls in the window; default 10 */
+    int failure_rate;      /* percent of failures that opens it; default 50 */
+    int64_t slow_call_ms;  /* a call slower than this is slow; 0 = off (default) */
+    int slow_rate;         /* percent of slow calls that opens it; default 100 */
+    int64_t open_ms;       /* first open period; default 5s */
+    int64_t open_max_ms;   /* cap of the period, which doubles on each trip in a row; default 5m */
+    int probes;            /* calls let through half-open; default 3 */
+} jf_breaker_config;
 
 typedef struct jf_nats_config {
     char *url;       /* comma-separated server list; default nats://127.0.0.1:4222 */
@@ -82,8 +95,23 @@ typedef struct jf_service_config {
     int fleet_in_flight;       /* MaxAckPending of each durable; default 1000 */
     int64_t ack_wait_ms;       /* durable AckWait; default 30s */
     jf_rate rate;              /* fleet-wide; period 0 = none */
+    int burst;                 /* calls allowed at once above the rate's spacing; default 1 */
     int64_t delay_ms;          /* noop: simulated work per job; default 0 */
     int fail_attempts;         /* noop: the first N attempts of every job fail (retryable); default 0 */
+    /* http */
+    char *tls_ca;              /* CA bundle for https (default: the system's) */
+    bool tls_verify;           /* verify the server certificate and host; default true */
+    char *auth_header;         /* "Name: value" sent on every call; secret */
+    char *auth_header_file;    /* a file whose first line is "Name: value" */
+    char *auth_header_env;     /* an environment variable holding "Name: value" */
+    int64_t max_response;      /* response body bytes at most; default 1 MiB */
+    int64_t retry_after_max_ms; /* Retry-After is clamped to this; default 10m */
+    char *result_required;     /* comma-separated keys a 2xx JSON body must have; NULL = any */
+    int max_connections;       /* per host; 0 = no cap (default) */
+    /* postgres */
+    char *sql;                 /* e.g. SELECT enrich($1::jsonb); $1 is the envelope */
+    char *dsn;                 /* default: [postgres] dsn; secret */
+    jf_breaker_config breaker;
 } jf_service_config;
 
 typedef struct jf_config {
@@ -92,6 +120,9 @@ typedef struct jf_config {
     jf_nats_config nats;
     jf_stream_config stream;
     char *postgres_dsn;        /* [postgres] dsn; NULL/empty = no ledger */
+    int postgres_connections;  /* [postgres] connections per process; default 2 */
+    int64_t postgres_statement_timeout_ms; /* [postgres] statement_timeout; default 30s */
+    jf_breaker_config ledger_breaker; /* [postgres] breaker_* */
     jf_consumer_config consumer;
     jf_publisher_config publisher;
     jf_service_config services[JF_MAX_SERVICES];

@@ -559,7 +559,7 @@ static void test_bad_values(void **state)
         {"[log]\nlevel = loud\n",
          "t.ini:2: [log] level: expected debug, info, warn, error or off, got \"loud\""},
         {"[service.s]\nkind = grpc\n",
-         "t.ini:2: [service.s] kind: expected http or noop, got \"grpc\""},
+         "t.ini:2: [service.s] kind: expected http, postgres or noop, got \"grpc\""},
         {"[service.s]\nkind = noop\nrate = 30/x\n",
          "t.ini:3: [service.s] rate: invalid rate \"30/x\""},
         {"[service.s]\nkind = noop\nbackoff = 1s,,5s\n",
@@ -590,7 +590,7 @@ static void test_service_rules(void **state)
 {
     (void)state;
     const char *m = load_fail("[service.llm]\ntimeout = 5s\n", JF_ERR_INVALID);
-    assert_string_equal(m, "t.ini:1: [service.llm] kind: missing (http or noop)");
+    assert_string_equal(m, "t.ini:1: [service.llm] kind: missing (http, postgres or noop)");
 
     m = load_fail("\n[service.llm]\nkind = http\n", JF_ERR_INVALID);
     assert_msg_has(m, "t.ini:3: [service.llm] kind = http needs url");
@@ -793,6 +793,61 @@ static void test_example_file(void **state)
     jf_config_destroy(def);
 }
 
+
+/* The downstream-service keys: http, postgres, breaker and rate. */
+static void test_downstream_keys(void **state)
+{
+    (void)state;
+    jf_config *c = load_ok("[postgres]\ndsn = host=/tmp dbname=x\nconnections = 3\n"
+                           "breaker_window = 8\nbreaker_min_calls = 4\n"
+                           "[service.llm]\nkind = http\nurl = https://api.example/v1\n"
+                           "tls_verify = no\ntls_ca = /etc/ca.pem\nauth_header = X-Key: s3cret\n"
+                           "max_response = 4096\nretry_after_max = 2m\n"
+                           "result_required = score,keywords\nrate = 30/m\nburst = 5\n"
+                           "breaker_failure_rate = 25\nbreaker_slow_call = 10s\n"
+                           "breaker_open = 2s\nbreaker_open_max = 1m\nbreaker_probes = 2\n"
+                           "[service.db]\nkind = postgres\nsql = SELECT f($1::jsonb)\n");
+    const jf_service_config *llm = jf_config_service(c, "llm");
+    assert_non_null(llm);
+    assert_int_equal(llm->kind, JF_KIND_HTTP);
+    assert_false(llm->tls_verify);
+    assert_string_equal(llm->tls_ca, "/etc/ca.pem");
+    assert_string_equal(llm->auth_header, "X-Key: s3cret");
+    assert_int_equal(llm->max_response, 4096);
+    assert_int_equal(llm->retry_after_max_ms, 120000);
+    assert_string_equal(llm->result_required, "score,keywords");
+    assert_int_equal(llm->rate.count, 30);
+    assert_int_equal(llm->rate.period_ms, 60000);
+    assert_int_equal(llm->burst, 5);
+    assert_int_equal(llm->breaker.failure_rate, 25);
+    assert_int_equal(llm->breaker.slow_call_ms, 10000);
+    assert_int_equal(llm->breaker.open_ms, 2000);
+    assert_int_equal(llm->breaker.open_max_ms, 60000);
+    assert_int_equal(llm->breaker.probes, 2);
+    assert_int_equal(llm->breaker.window, 20); /* default */
+    const jf_service_config *db = jf_config_service(c, "db");
+    assert_int_equal(db->kind, JF_KIND_POSTGRES);
+    assert_string_equal(db->sql, "SELECT f($1::jsonb)");
+    assert_true(db->tls_verify); /* default */
+    assert_int_equal(db->max_response, 1 << 20);
+    assert_int_equal(c->postgres_connections, 3);
+    assert_int_equal(c->ledger_breaker.window, 8);
+    assert_int_equal(c->ledger_breaker.min_calls, 4);
+    jf_config_destroy(c);
+
+    const char *m = load_fail("[service.a]\nkind = noop\ntls_verify = maybe\n", JF_ERR_INVALID);
+    assert_msg_has(m, "t.ini:3: [service.a] tls_verify: expected true or false");
+    m = load_fail("[service.a]\nkind = postgres\n", JF_ERR_INVALID);
+    assert_msg_has(m, "kind = postgres needs sql");
+    m = load_fail("[service.a]\nkind = postgres\nsql = SELECT 1\n", JF_ERR_INVALID);
+    assert_msg_has(m, "needs dsn here or in [postgres]");
+    m = load_fail("[service.a]\nkind = noop\nbreaker_window = 5\n", JF_ERR_INVALID);
+    assert_msg_has(m, "breaker_min_calls = 10 exceeds breaker_window = 5");
+    m = load_fail("[service.a]\nkind = noop\nauth_header = Bad Secret Value\nburst = 0\n",
+                  JF_ERR_INVALID);
+    assert_msg_has(m, "t.ini:4: [service.a] burst");
+}
+
 #define T(f) cmocka_unit_test_setup(f, clear_env)
 
 int main(void)
@@ -811,6 +866,7 @@ int main(void)
         T(test_bad_values),
         T(test_service_rules),
         T(test_secrets_never_printed),
+        T(test_downstream_keys),
         cmocka_unit_test_setup_teardown(test_files, clear_env, files_teardown),
         T(test_example_file),
     };
