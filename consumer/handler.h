@@ -11,6 +11,8 @@
 #ifndef JF_HANDLER_H
 #define JF_HANDLER_H
 
+#include <jansson.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <uv.h>
@@ -37,6 +39,8 @@ typedef struct jf_handler_ops {
 } jf_handler_ops;
 
 extern const jf_handler_ops jf_handler_noop;
+extern const jf_handler_ops jf_handler_http;     /* handler_http.c */
+extern const jf_handler_ops jf_handler_postgres; /* handler_postgres.c */
 
 /* The handler kind for cfg's kind, or NULL when this build has none. */
 const jf_handler_ops *jf_handler_for_kind(jf_handler_kind kind);
@@ -47,9 +51,20 @@ const void *jf_job_body(const jf_job *job, size_t *len);
 unsigned jf_job_attempt(const jf_job *job); /* 1 on the first delivery */
 void **jf_job_slot(jf_job *job);
 
-/* Reports the outcome. error: one line for logs and the dead letter (copied;
- * may be NULL on success). retry_after_ms: the least delay the downstream
- * asked for (Retry-After), 0 when none. */
+/* The outcome of one call. */
+typedef struct jf_job_result {
+    jf_outcome outcome;
+    const char *error;      /* one line for logs, ledger and dead letter (copied); NULL on success */
+    int64_t retry_after_ms; /* the least delay the downstream asked for (Retry-After); 0 = none */
+    bool service_fault;     /* counts against the service's breaker: 5xx, timeout, connection
+                               error, a lying 2xx; not 4xx, 429 or the job's own fault */
+    json_t *result;         /* success: the job's result for the ledger (reference stolen); may be NULL */
+} jf_job_result;
+
+/* Reports the outcome; the job must not be touched afterwards. */
+void jf_job_finish(jf_job *job, const jf_job_result *r);
+
+/* Shorthand: service_fault = (outcome == RETRY), no result. */
 void jf_job_done(jf_job *job, jf_outcome outcome, const char *error, int64_t retry_after_ms);
 
 #endif
