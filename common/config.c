@@ -908,6 +908,12 @@ static jf_status check_whole(parse_ctx *c)
                          o1, section);
             return JF_ERR_INVALID;
         }
+        if (s->kind == JF_KIND_POSTGRES && strstr(s->sql, "$1") == NULL) {
+            origin(o1, sizeof o1, c, section, "sql", svc_src(c, i, "sql"));
+            jf_error_set(c->err, "%s: [%s] sql must pass the envelope as $1, e.g. SELECT f($1::jsonb)",
+                         o1, section);
+            return JF_ERR_INVALID;
+        }
         if (s->kind == JF_KIND_POSTGRES && s->dsn == NULL && cfg->postgres_dsn == NULL) {
             origin(o1, sizeof o1, c, section, "kind", svc_src(c, i, "kind"));
             jf_error_set(c->err, "%s: [%s] kind = postgres needs dsn here or in [postgres]", o1,
@@ -1058,6 +1064,16 @@ static jf_status load(jf_config **out, FILE *fp, const char *text, const char *n
         goto fail;
     if ((st = check_whole(c)) != JF_OK)
         goto fail;
+    /* A postgres service without its own dsn uses the ledger's database. */
+    for (size_t i = 0; i < cfg->nservices; i++) {
+        jf_service_config *s = &cfg->services[i];
+        if (s->kind == JF_KIND_POSTGRES && s->dsn == NULL &&
+            (s->dsn = dup_str(cfg->postgres_dsn)) == NULL) {
+            jf_error_set(err, "out of memory");
+            st = JF_ERR_NOMEM;
+            goto fail;
+        }
+    }
     free(c);
     *out = cfg;
     return JF_OK;

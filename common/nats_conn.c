@@ -326,7 +326,8 @@ static void on_reconnected(natsConnection *nc, void *closure)
 static void on_closed(natsConnection *nc, void *closure)
 {
     conn_events *ev = closure;
-    jf_log0(JF_LOG_DEBUG, "nats connection closed");
+    /* Not logged: a connection is only closed on the way out, after the
+     * program's own last line ("consumer stopped"), which must stay last. */
     pthread_mutex_destroy(&ev->mu);
     free(ev);
 }

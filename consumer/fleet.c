@@ -24,6 +24,7 @@
  * server's own MaxDeliver is unlimited (a job the server gives up on would be
  * parked silently); jetfleet dead-letters after max_deliver attempts. */
 #include "fleet.h"
+#include "fleet_int.h"
 
 #include <inttypes.h>
 #include <jansson.h>
@@ -32,130 +33,21 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <uv.h>
 
-#include "backoff.h"
-#include "deadletter.h"
-#include "handler.h"
 #include "log.h"
 #include "nats_conn.h"
 #include "provision.h"
 #include "rfc3339.h"
 
-#define MAX_PULLS 16
 #define STATUS_HOLD_MS 250 /* pause a durable's pulls after an odd status */
-
-typedef struct pull {
-    uint64_t id;
-    int batch;
-    int remaining;
-    int64_t last_ms; /* sent, or last message/heartbeat */
-    natsSubscription *sub;
-} pull;
 
 typedef struct pull_closure {
     jf_fleet *f;
     int didx;
     uint64_t id;
 } pull_closure;
-
-typedef struct service_rt {
-    const jf_service_config *cfg;
-    const jf_handler_ops *ops;
-    void *impl;
-} service_rt;
-
-typedef struct durable {
-    jf_fleet *f;
-    int idx;
-    service_rt *svc;
-    jf_priority prio;
-    char name[JF_NAME_MAX + 16];
-    char next_subject[256];
-    int weight;
-    int in_flight; /* jobs of this durable held by this process */
-    int requested; /* asked for in open pulls, not yet delivered */
-    int64_t backlog; /* pending after the latest delivery (server's view) */
-    bool busy;
-    int64_t hold_until_ms;
-    pull pulls[MAX_PULLS];
-    int npulls;
-    int silent; /* pulls in a row that got no answer at all */
-    bool reprovisioning;
-    uv_work_t work;
-    jf_status work_status;
-    jf_error work_err;
-} durable;
-
-struct jf_job {
-    jf_job *prev, *next;
-    jf_fleet *f;
-    durable *d;
-    natsMsg *msg;
-    jf_envelope *env;
-    const char *reply;
-    char stream[64];
-    uint64_t seq;
-    uint64_t delivered;
-    int64_t progress_ms; /* last time the server heard of this job */
-    void *slot;
-    bool running;
-    /* dead-letter state while its PubAck is awaited */
-    bool settling;
-    jf_dl_reason dl_reason;
-    uint64_t dl_id;
-    int64_t dl_sent_ms;
-    natsMsg *dl_msg;
-    char error[512];
-};
-
-typedef enum ev_kind { EV_PULL, EV_DLACK, EV_RECONNECTED } ev_kind;
-
-typedef struct event {
-    ev_kind kind;
-    int didx;
-    uint64_t id;
-    natsMsg *msg;
-} event;
-
-typedef struct evqueue {
-    event *v;
-    size_t len, cap;
-} evqueue;
-
-struct jf_fleet {
-    const jf_config *cfg;
-    bool provision;
-    natsConnection *nc;
-    jsCtx *js;
-    int64_t max_payload;
-
-    uv_loop_t loop;
-    uv_async_t async;
-    uv_prepare_t prepare;
-    uv_timer_t tick, stats, grace;
-    uv_signal_t sigterm, sigint;
-    int64_t tick_ms;
-
-    pthread_mutex_t mu;
-    evqueue q;     /* filled by NATS threads under mu */
-    evqueue batch; /* swapped with q, drained on the loop */
-
-    service_rt services[JF_MAX_SERVICES];
-    int nservices;
-    durable *durables;
-    int ndurables;
-
-    char inbox[128];
-    natsSubscription *dl_sub;
-    uint64_t next_pull_id, next_dl_id;
-
-    jf_job jobs; /* sentinel of the in-flight list */
-    int in_flight, requested, peak;
-    unsigned long long acked, dead, retried, nacked_on_stop, stray;
-    bool dirty, ready, stopping, grace_over, done;
-    jf_rng rng;
-};
 
 static int64_t now_ms(void)
 {
@@ -208,259 +100,6 @@ static void on_dl_ack(natsConnection *nc, natsSubscription *sub, natsMsg *msg, v
 static void on_reconnected(natsConnection *nc, void *closure)
 {
     push_event(closure, (event){EV_RECONNECTED, -1, 0, NULL});
-}
-
-/* ---- acks ------------------------------------------------------------ */
-
-static void publish_ack(jf_fleet *f, const char *reply, const char *body)
-{
-    natsStatus s = natsConnection_PublishString(f->nc, reply, body);
-    if (s != NATS_OK)
-        jf_log(JF_LOG_WARN, "ack not sent; the server will redeliver", JF_S("ack", body),
-               JF_S("error", natsStatus_GetText(s)));
-}
-
-static void nak_msg(jf_fleet *f, const char *reply, int64_t delay_ms)
-{
-    if (reply == NULL)
-        return;
-    if (delay_ms <= 0) {
-        publish_ack(f, reply, "-NAK");
-        return;
-    }
-    char body[64];
-    snprintf(body, sizeof body, "-NAK {\"delay\":%" PRId64 "}", delay_ms * 1000000);
-    publish_ack(f, reply, body);
-}
-
-/* ---- jobs ------------------------------------------------------------ */
-
-static void finish_job(jf_job *job)
-{
-    jf_fleet *f = job->f;
-    job->prev->next = job->next;
-    job->next->prev = job->prev;
-    job->d->in_flight--;
-    f->in_flight--;
-    jf_envelope_destroy(job->env);
-    natsMsg_Destroy(job->dl_msg);
-    natsMsg_Destroy(job->msg);
-    free(job);
-    f->dirty = true;
-}
-
-static void log_job(jf_log_level lvl, const char *msg, const jf_job *job, const char *key,
-                    const char *val)
-{
-    jf_log(lvl, msg, JF_S("job_id", job->env ? job->env->id : NULL),
-           JF_S("service", job->d->svc->cfg->name), JF_S("subject", natsMsg_GetSubject(job->msg)),
-           JF_I("seq", job->seq), JF_I("attempt", job->delivered), JF_S(key, val));
-}
-
-static void send_dead_letter(jf_fleet *f, jf_job *job)
-{
-    natsStatus s = natsConnection_PublishMsg(f->nc, job->dl_msg);
-    job->dl_sent_ms = now_ms();
-    if (s != NATS_OK)
-        log_job(JF_LOG_WARN, "dead-letter publish failed; will retry", job, "error",
-                natsStatus_GetText(s));
-}
-
-static void dead_letter(jf_fleet *f, jf_job *job, jf_dl_reason reason, const char *error)
-{
-    char reply[192];
-    jf_error err;
-    const char *data = natsMsg_GetData(job->msg);
-    int len = natsMsg_GetDataLength(job->msg);
-
-    snprintf(job->error, sizeof job->error, "%s", error ? error : "");
-    job->running = false;
-    job->settling = true;
-    job->dl_reason = reason;
-    job->dl_id = ++f->next_dl_id;
-    snprintf(reply, sizeof reply, "%s.d.%" PRIu64, f->inbox, job->dl_id);
-    jf_dl_info info = {
-        .reason = reason,
-        .error = job->error,
-        .deliveries = job->delivered,
-        .stream = job->stream,
-        .stream_seq = job->seq,
-        .subject = natsMsg_GetSubject(job->msg),
-        .failed_at_ms = now_ms(),
-    };
-    if (jf_dl_message(&job->dl_msg, &info, data, len, reply, &err) != JF_OK) {
-        /* Cannot build it (absurd subject): leave the job to redelivery
-         * rather than lose it, and say so loudly. */
-        log_job(JF_LOG_ERROR, "cannot dead-letter job; leaving it for redelivery", job, "error",
-                err.msg);
-        nak_msg(f, job->reply, 30000);
-        finish_job(job);
-        return;
-    }
-    send_dead_letter(f, job);
-}
-
-static void on_dl_ack_event(jf_fleet *f, uint64_t id, natsMsg *msg)
-{
-    jf_job *job = NULL;
-    for (jf_job *j = f->jobs.next; j != &f->jobs; j = j->next) {
-        if (j->settling && j->dl_id == id) {
-            job = j;
-            break;
-        }
-    }
-    if (job == NULL)
-        return; /* a late answer to a publish already settled or resent */
-
-    const char *status = NULL;
-    if (natsMsgHeader_Get(msg, "Status", &status) == NATS_OK && status != NULL) {
-        /* 503: no stream listens on dlq.> — it was deleted under us. */
-        log_job(JF_LOG_ERROR, "dead-letter stream did not answer; will retry", job, "status",
-                status);
-        return; /* the tick resends after request_timeout */
-    }
-    json_error_t jerr;
-    json_t *pa = json_loadb(natsMsg_GetData(msg), (size_t)natsMsg_GetDataLength(msg), 0, &jerr);
-    json_t *e = pa ? json_object_get(pa, "error") : NULL;
-    if (pa == NULL || e != NULL || json_object_get(pa, "seq") == NULL) {
-        const char *desc = e ? json_string_value(json_object_get(e, "description")) : NULL;
-        log_job(JF_LOG_ERROR, "dead-letter publish refused; will retry", job, "error",
-                desc ? desc : "malformed PubAck");
-        json_decref(pa);
-        return;
-    }
-    json_decref(pa);
-
-    /* The dead letter is stored: only now may the original go. */
-    publish_ack(f, job->reply, "+ACK");
-    f->dead++;
-    jf_log(JF_LOG_WARN, "dead-lettered", JF_S("reason", jf_dl_reason_name(job->dl_reason)),
-           JF_S("job_id", job->env ? job->env->id : NULL), JF_S("service", job->d->svc->cfg->name),
-           JF_S("subject", natsMsg_GetSubject(job->msg)), JF_I("seq", job->seq),
-           JF_I("deliveries", job->delivered), JF_S("error", job->error));
-    finish_job(job);
-}
-
-void jf_job_done(jf_job *job, jf_outcome outcome, const char *error, int64_t retry_after_ms)
-{
-    jf_fleet *f = job->f;
-    const jf_service_config *svc = job->d->svc->cfg;
-
-    if (!job->running)
-        return; /* cancelled or already settled: the handler broke its contract */
-    job->running = false;
-    switch (outcome) {
-    case JF_OUTCOME_OK:
-        publish_ack(f, job->reply, "+ACK");
-        f->acked++;
-        if (jf_log_enabled(JF_LOG_DEBUG))
-            log_job(JF_LOG_DEBUG, "job done", job, "outcome", "ok");
-        finish_job(job);
-        return;
-    case JF_OUTCOME_PERMANENT:
-        dead_letter(f, job, JF_DL_PERMANENT, error);
-        return;
-    case JF_OUTCOME_RETRY:
-        if (job->delivered >= (uint64_t)svc->max_deliver) {
-            dead_letter(f, job, JF_DL_MAX_DELIVERIES, error);
-            return;
-        }
-        int64_t delay = jf_backoff_delay(svc->backoff_ms, svc->backoff_n, (unsigned)job->delivered,
-                                         retry_after_ms, &f->rng);
-        nak_msg(f, job->reply, delay);
-        f->retried++;
-        jf_log(JF_LOG_INFO, "job failed; retrying", JF_S("job_id", job->env->id),
-               JF_S("service", svc->name), JF_S("subject", natsMsg_GetSubject(job->msg)),
-               JF_I("seq", job->seq), JF_I("attempt", job->delivered), JF_I("delay_ms", delay),
-               JF_S("error", error));
-        finish_job(job);
-        return;
-    }
-}
-
-const jf_envelope *jf_job_envelope(const jf_job *job)
-{
-    return job->env;
-}
-
-const void *jf_job_body(const jf_job *job, size_t *len)
-{
-    *len = (size_t)natsMsg_GetDataLength(job->msg);
-    return natsMsg_GetData(job->msg);
-}
-
-unsigned jf_job_attempt(const jf_job *job)
-{
-    return (unsigned)job->delivered;
-}
-
-void **jf_job_slot(jf_job *job)
-{
-    return &job->slot;
-}
-
-static void start_job(jf_fleet *f, durable *d, natsMsg *m)
-{
-    jsMsgMetaData *meta = NULL;
-    jf_error err;
-
-    if (natsMsg_GetMetaData(&meta, m) != NATS_OK) {
-        /* Not a JetStream delivery (no ack subject): nothing to settle. */
-        jf_log(JF_LOG_ERROR, "message without JetStream metadata dropped",
-               JF_S("subject", natsMsg_GetSubject(m)), JF_S("durable", d->name));
-        natsMsg_Destroy(m);
-        return;
-    }
-    jf_job *job = calloc(1, sizeof *job);
-    if (job == NULL) {
-        jsMsgMetaData_Destroy(meta);
-        nak_msg(f, natsMsg_GetReply(m), 1000);
-        natsMsg_Destroy(m);
-        return;
-    }
-    job->f = f;
-    job->d = d;
-    job->msg = m;
-    job->reply = natsMsg_GetReply(m);
-    job->seq = meta->Sequence.Stream;
-    job->delivered = meta->NumDelivered;
-    d->backlog = (int64_t)meta->NumPending;
-    d->busy = d->backlog > 0;
-    snprintf(job->stream, sizeof job->stream, "%s", meta->Stream ? meta->Stream : "");
-    jsMsgMetaData_Destroy(meta);
-    job->progress_ms = now_ms();
-    job->next = &f->jobs;
-    job->prev = f->jobs.prev;
-    f->jobs.prev->next = job;
-    f->jobs.prev = job;
-    d->in_flight++;
-    if (++f->in_flight > f->peak)
-        f->peak = f->in_flight;
-
-    const service_rt *svc = d->svc;
-    if (jf_envelope_parse(&job->env, natsMsg_GetData(m), (size_t)natsMsg_GetDataLength(m),
-                          natsMsg_GetSubject(m), (size_t)f->max_payload, &err) != JF_OK) {
-        dead_letter(f, job, JF_DL_INVALID, err.msg);
-        return;
-    }
-    if (job->env->has_deadline && job->env->deadline_ms <= job->progress_ms) {
-        char when[40], msg[96];
-        jf_rfc3339_format(when, sizeof when, job->env->deadline_ms);
-        snprintf(msg, sizeof msg, "deadline %s has passed", when);
-        dead_letter(f, job, JF_DL_EXPIRED, msg);
-        return;
-    }
-    if (job->delivered > (uint64_t)svc->cfg->max_deliver) {
-        /* Earlier deliveries ended without an outcome (a consumer died
-         * mid-job): they were attempts all the same. */
-        char msg[128];
-        snprintf(msg, sizeof msg, "delivered %" PRIu64 " times, max_deliver is %d", job->delivered,
-                 svc->cfg->max_deliver);
-        dead_letter(f, job, JF_DL_MAX_DELIVERIES, msg);
-        return;
-    }
-    job->running = true;
-    svc->ops->start(svc->impl, job);
 }
 
 /* ---- pulls ----------------------------------------------------------- */
@@ -533,10 +172,30 @@ static bool send_pull(jf_fleet *f, durable *d, int batch)
     p->batch = batch;
     p->remaining = batch;
     p->last_ms = now_ms();
+    p->expires_ms = p->last_ms + expires_ms;
     p->sub = sub;
     d->requested += batch;
     f->requested += batch;
     return true;
+}
+
+int64_t jf_fleet_handback_delay(jf_fleet *f)
+{
+    if (!f->stopping)
+        return 0;
+    int64_t last = 0, now = now_ms();
+    for (int i = 0; i < f->ndurables; i++)
+        for (int k = 0; k < f->durables[i].npulls; k++)
+            if (f->durables[i].pulls[k].expires_ms > last)
+                last = f->durables[i].pulls[k].expires_ms;
+    return last > now ? last - now + 100 : 0;
+}
+
+/* A service whose breaker is open is not pulled for: its jobs would only
+ * wait, and the capacity serves the other services meanwhile. */
+static bool paused(const durable *d, int64_t now)
+{
+    return jf_breaker_state_at(d->svc->breaker, now) == JF_BREAKER_OPEN;
 }
 
 /* Shares capacity as the file comment says, then opens pulls where a
@@ -545,22 +204,26 @@ static bool send_pull(jf_fleet *f, durable *d, int batch)
 static void schedule(jf_fleet *f)
 {
     const jf_consumer_config *cc = &f->cfg->consumer;
+    int64_t now = now_ms();
     if (f->stopping)
+        return;
+    /* While the ledger is unreachable nothing is pulled: no outcome could
+     * be made durable. */
+    if (f->ledger != NULL && !jf_ledger_available(f->ledger, now))
         return;
     int idle = 0, wsum = 0;
     for (int i = 0; i < f->ndurables; i++) {
-        if (f->durables[i].busy)
+        if (f->durables[i].busy && !paused(&f->durables[i], now))
             wsum += f->durables[i].weight;
         else
             idle++;
     }
     int cap_busy = cc->max_in_flight - idle;
-    int64_t now = now_ms();
 
     /* Priority-major order: when room is short, high pulls first. */
     for (int k = 0; k < f->ndurables; k++) {
         durable *d = &f->durables[(k % f->nservices) * JF_PRIO_COUNT + k / f->nservices];
-        if (d->hold_until_ms > now)
+        if (d->hold_until_ms > now || paused(d, now))
             continue;
         int target = 1;
         if (d->busy && wsum > 0) {
@@ -686,18 +349,18 @@ static void handle_pull_event(jf_fleet *f, event *ev)
          * back at once rather than let it wait for ack_wait. */
         f->stray++;
         if (f->stopping || f->in_flight + f->requested >= f->cfg->consumer.max_in_flight) {
-            nak_msg(f, natsMsg_GetReply(m), 0);
+            jf_job_nak(f, natsMsg_GetReply(m), jf_fleet_handback_delay(f));
             natsMsg_Destroy(m);
             return;
         }
     }
     if (f->stopping) {
-        nak_msg(f, natsMsg_GetReply(m), 0);
+        jf_job_nak(f, natsMsg_GetReply(m), jf_fleet_handback_delay(f));
         f->nacked_on_stop++;
         natsMsg_Destroy(m);
         return;
     }
-    start_job(f, d, m);
+    jf_job_start(f, d, m);
 }
 
 static void drain_events(jf_fleet *f)
@@ -715,7 +378,7 @@ static void drain_events(jf_fleet *f)
             handle_pull_event(f, ev);
             break;
         case EV_DLACK:
-            on_dl_ack_event(f, ev->id, ev->msg);
+            jf_job_on_dl_ack(f, ev->id, ev->msg);
             natsMsg_Destroy(ev->msg);
             break;
         case EV_RECONNECTED:
@@ -742,15 +405,7 @@ static void cancel_all_jobs(jf_fleet *f)
     jf_job *j = f->jobs.next;
     while (j != &f->jobs) {
         jf_job *next = j->next;
-        if (j->running) {
-            j->running = false;
-            j->d->svc->ops->cancel(j->d->svc->impl, j);
-        }
-        /* Running or still awaiting its dead-letter PubAck: hand it back
-         * now (a repeated dead letter is stored once, by its Nats-Msg-Id). */
-        nak_msg(f, j->reply, 0);
-        f->nacked_on_stop++;
-        finish_job(j);
+        jf_job_hand_back(j);
         j = next;
     }
 }
@@ -781,26 +436,35 @@ static void on_prepare(uv_prepare_t *h)
     maybe_finish_stop(f);
 }
 
+/* Breakers change state with time alone (open -> half-open): look at each
+ * service, log transitions, and let held jobs go once calls may flow. */
+static void watch_breakers(jf_fleet *f, int64_t now)
+{
+    for (int i = 0; i < f->nservices; i++) {
+        service_rt *s = &f->services[i];
+        jf_breaker_state st = jf_breaker_state_at(s->breaker, now);
+        const char *name = jf_breaker_state_name(st);
+        if (s->last_state != name) {
+            if (st == JF_BREAKER_OPEN)
+                f->trips++;
+            jf_log(st == JF_BREAKER_OPEN ? JF_LOG_WARN : JF_LOG_INFO, "breaker state",
+                   JF_S("service", s->cfg->name), JF_S("state", name),
+                   JF_I("trips", jf_breaker_trips(s->breaker)));
+            s->last_state = name;
+            f->dirty = true;
+        }
+        if (st != JF_BREAKER_OPEN && s->waiting != NULL)
+            jf_job_release_waiting(f, s);
+    }
+}
+
 static void on_tick(uv_timer_t *t)
 {
     jf_fleet *f = t->data;
     int64_t now = now_ms();
-    int64_t resend_after = f->cfg->nats.request_timeout_ms;
 
-    for (jf_job *j = f->jobs.next; j != &f->jobs; j = j->next) {
-        if (j->settling && now - j->dl_sent_ms >= resend_after) {
-            log_job(JF_LOG_WARN, "no PubAck for dead letter; publishing again", j, "error",
-                    j->error);
-            send_dead_letter(f, j);
-        }
-        /* In-progress heartbeats keep the server from redelivering a job
-         * that is still being worked on. */
-        int64_t ack_wait = j->d->svc->cfg->ack_wait_ms;
-        if (now - j->progress_ms >= ack_wait / 2) {
-            publish_ack(f, j->reply, "+WPI");
-            j->progress_ms = now;
-        }
-    }
+    jf_job_tick(f, now);
+    watch_breakers(f, now);
 
     int64_t silence = f->cfg->consumer.pull_expires_ms + 3000;
     for (int i = 0; i < f->ndurables; i++) {
@@ -834,8 +498,9 @@ static void log_stats(jf_fleet *f, const char *msg)
     jf_log(JF_LOG_INFO, msg, JF_I("in_flight", f->in_flight), JF_I("peak_in_flight", f->peak),
            JF_I("max_in_flight", f->cfg->consumer.max_in_flight), JF_I("requested", f->requested),
            JF_I("open_pulls", open), JF_I("acked", f->acked), JF_I("dead", f->dead),
-           JF_I("retried", f->retried), JF_I("nacked_on_stop", f->nacked_on_stop),
-           JF_I("stray", f->stray));
+           JF_I("retried", f->retried), JF_I("deferred", f->deferred),
+           JF_I("skipped", f->skipped), JF_I("breaker_trips", f->trips),
+           JF_I("nacked_on_stop", f->nacked_on_stop), JF_I("stray", f->stray));
 }
 
 static void on_stats(uv_timer_t *t)
@@ -931,6 +596,14 @@ jf_status jf_fleet_create(jf_fleet **out, const jf_fleet_options *opts, jf_error
     for (int i = 0; i < f->nservices; i++) {
         service_rt *s = &f->services[i];
         st = s->ops->create(&s->impl, &f->loop, s->cfg, err);
+        if (st == JF_OK)
+            st = jf_breaker_create(&s->breaker, &s->cfg->breaker, err);
+        if (st != JF_OK)
+            goto fail;
+        s->last_state = jf_breaker_state_name(JF_BREAKER_CLOSED);
+    }
+    if (cfg->postgres_dsn != NULL && cfg->postgres_dsn[0] != '\0') {
+        st = jf_ledger_create(&f->ledger, &f->loop, cfg, err);
         if (st != JF_OK)
             goto fail;
     }
@@ -977,6 +650,23 @@ jf_status jf_fleet_create(jf_fleet **out, const jf_fleet_options *opts, jf_error
             if (st != JF_OK)
                 goto fail;
         }
+    }
+
+    /* Fleet-wide limits live in a KV bucket; only services that have them
+     * pay for it. */
+    bool limited = false;
+    for (int i = 0; i < f->nservices; i++) {
+        const jf_service_config *sc = f->services[i].cfg;
+        limited = limited || sc->rate.period_ms > 0 || sc->kind != JF_KIND_NOOP;
+    }
+    if (limited) {
+        char host[64] = "host";
+        gethostname(host, sizeof host - 1);
+        snprintf(f->process_id, sizeof f->process_id, "%s-%d-%08x", host, (int)getpid(),
+                 (unsigned)jf_rng_next(&f->rng));
+        st = jf_limits_create(&f->limits, &f->loop, f->js, cfg, f->process_id, err);
+        if (st != JF_OK)
+            goto fail;
     }
 
     natsInbox *inbox = NULL;
@@ -1078,23 +768,24 @@ void jf_fleet_destroy(jf_fleet *f)
     if (f->durables != NULL)
         close_all_pulls(f);
     /* Jobs still here (an error path) go back to the server. */
-    while (f->jobs.next != &f->jobs) {
-        jf_job *j = f->jobs.next;
-        if (j->running)
-            j->d->svc->ops->cancel(j->d->svc->impl, j);
-        if (f->nc != NULL)
-            nak_msg(f, j->reply, 0);
-        finish_job(j);
-    }
+    if (f->nc != NULL)
+        jf_job_free_all(f);
+    /* The ledger and the limits answer what is still pending (jobs already
+     * handed back only wait for those answers to be freed); the limits give
+     * this process's fleet-wide slots back while NATS is still there. */
+    jf_ledger_destroy(f->ledger);
+    jf_limits_destroy(f->limits);
     natsSubscription_Destroy(f->dl_sub);
     if (f->nc != NULL) {
         natsConnection_Close(f->nc);
         natsConnection_Destroy(f->nc);
     }
     jsCtx_Destroy(f->js);
-    for (int i = 0; i < f->nservices; i++)
+    for (int i = 0; i < f->nservices; i++) {
         if (f->services[i].impl != NULL)
             f->services[i].ops->destroy(f->services[i].impl);
+        jf_breaker_destroy(f->services[i].breaker);
+    }
     if (f->loop.data == f) {
         /* Let closing handles (timers of cancelled jobs too) finish. */
         uv_run(&f->loop, UV_RUN_NOWAIT);

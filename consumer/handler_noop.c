@@ -108,8 +108,9 @@ const jf_handler_ops *jf_handler_for_kind(jf_handler_kind kind)
     case JF_KIND_NOOP:
         return &jf_handler_noop;
     case JF_KIND_HTTP:
+        return &jf_handler_http;
     case JF_KIND_POSTGRES:
-        return NULL; /* not in this build yet */
+        return &jf_handler_postgres;
     }
     return NULL;
 }

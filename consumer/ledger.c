@@ -1,1 +1,618 @@
-/* placeholder: being written */
+/* ledger.c — the PostgreSQL ledger (see ledger.h) on a pool of pgconn
+ * connections.
+ *
+ * Start-up (blocking, before the loop runs): one connection applies the
+ * missing migrations under an advisory lock, then the pool connects and
+ * prepares the two statements below on every connection.
+ *
+ * begin tells the status the row had before it, exactly, without a read
+ * that could race with another process: an upsert's row has xmax = 0 only
+ * when it was inserted, and when it was updated its status after the update
+ * equals its status before (a final status is kept; anything else was, and
+ * stays, 'running'). A final row is left exactly as it was.
+ *
+ * finish never touches a succeeded row (the WHERE of DO UPDATE); it inserts
+ * the row of a job dead-lettered before any call (attempts 0). */
+#include "ledger.h"
+
+#include <dirent.h>
+#include <inttypes.h>
+#include <libpq-fe.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "log.h"
+#include "pgconn.h"
+#include "rfc3339.h"
+
+#define MIGRATION_MAX_BYTES (1024 * 1024)
+#define MIGRATIONS_MAX      1000
+#define LEDGER_ERROR_MAX    1000 /* bytes of an error stored in a row */
+/* pg_advisory_lock key of the migration step (an arbitrary constant of ours). */
+#define MIGRATION_LOCK_KEY "7658147961013605"
+
+#define STMT_BEGIN  "jf_ledger_begin"
+#define STMT_FINISH "jf_ledger_finish"
+
+static const char SQL_BEGIN[] =
+    "INSERT INTO jetfleet_jobs AS j (job_id, service, priority, type, tenant, status, attempts,"
+    " stream_seq)"
+    " VALUES ($1::text, $2::text, coalesce($3::text, 'normal'), $4::text, $5::text, 'running', 1,"
+    " $6::bigint)"
+    " ON CONFLICT (job_id) DO UPDATE SET"
+    "  attempts = CASE WHEN j.status IN ('succeeded', 'dead') THEN j.attempts"
+    "                  ELSE j.attempts + 1 END,"
+    "  status = CASE WHEN j.status IN ('succeeded', 'dead') THEN j.status ELSE 'running' END,"
+    "  stream_seq = CASE WHEN j.status IN ('succeeded', 'dead') THEN j.stream_seq"
+    "                    ELSE EXCLUDED.stream_seq END,"
+    "  updated_at = CASE WHEN j.status IN ('succeeded', 'dead') THEN j.updated_at ELSE now() END"
+    " RETURNING (j.xmax = 0) AS inserted, j.status, j.attempts";
+
+static const char SQL_FINISH[] =
+    "INSERT INTO jetfleet_jobs AS j (job_id, service, priority, type, tenant, status, attempts,"
+    " result, error, stream_seq, finished_at)"
+    " VALUES ($1::text, $2::text, coalesce($3::text, 'normal'), $4::text, $5::text, $6::text, 0,"
+    " $7::jsonb, $8::text, $9::bigint,"
+    " CASE WHEN $6::text IN ('succeeded', 'dead') THEN now() END)"
+    " ON CONFLICT (job_id) DO UPDATE SET"
+    "  status = EXCLUDED.status,"
+    "  result = EXCLUDED.result,"
+    "  error = EXCLUDED.error,"
+    "  stream_seq = EXCLUDED.stream_seq,"
+    "  finished_at = EXCLUDED.finished_at,"
+    "  updated_at = now()"
+    " WHERE j.status <> 'succeeded'";
+
+static const jf_pg_statement STATEMENTS[] = {
+    {STMT_BEGIN, SQL_BEGIN},
+    {STMT_FINISH, SQL_FINISH},
+};
+
+struct jf_ledger {
+    uv_loop_t *loop;
+    jf_pgpool *pool;
+    jf_breaker *breaker;
+};
+
+typedef struct lreq {
+    jf_ledger *l;
+    jf_ledger_begin_cb begin_cb; /* one of the two */
+    jf_ledger_done_cb done_cb;
+    void *arg;
+    bool counted; /* the breaker let it through: its outcome is recorded */
+    uint64_t t0_ns;
+} lreq;
+
+const char *jf_ledger_status_name(jf_ledger_status s)
+{
+    switch (s) {
+    case JF_LEDGER_NONE:
+        return "none";
+    case JF_LEDGER_RUNNING:
+        return "running";
+    case JF_LEDGER_SUCCEEDED:
+        return "succeeded";
+    case JF_LEDGER_DEAD:
+        return "dead";
+    }
+    return "none";
+}
+
+/* ---- migrations (blocking, at start) ---------------------------------- */
+
+static void quiet_notice(void *arg, const PGresult *res)
+{
+    (void)arg;
+    (void)res; /* "relation … already exists, skipping" and the like */
+}
+
+static void first_line(char *dst, size_t cap, const char *src)
+{
+    size_t n = 0;
+    for (const char *s = src ? src : ""; *s && n + 1 < cap; s++)
+        dst[n++] = (*s == '\n' || *s == '\r' || *s == '\t') ? ' ' : *s;
+    while (n > 0 && dst[n - 1] == ' ')
+        n--;
+    dst[n] = '\0';
+}
+
+static jf_status run_sql(PGconn *pg, const char *sql, const char *what, jf_error *err)
+{
+    PGresult *res = PQexec(pg, sql);
+    ExecStatusType s = PQresultStatus(res);
+    if (s == PGRES_COMMAND_OK || s == PGRES_TUPLES_OK) {
+        PQclear(res);
+        return JF_OK;
+    }
+    char line[400];
+    first_line(line, sizeof line, res ? PQresultErrorMessage(res) : PQerrorMessage(pg));
+    PQclear(res);
+    jf_error_set(err, "ledger: %s: %s", what, line);
+    return JF_ERR_IO;
+}
+
+static int cmp_names(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+static bool is_dir(const char *path)
+{
+    struct stat sb;
+    return stat(path, &sb) == 0 && S_ISDIR(sb.st_mode);
+}
+
+/* The *.sql names of dir, sorted; the caller frees them. */
+static jf_status list_migrations(const char *dir, char ***out, size_t *n_out, jf_error *err)
+{
+    DIR *d = opendir(dir);
+    if (d == NULL) {
+        jf_error_set(err, "ledger: cannot open migrations directory %s", dir);
+        return JF_ERR_NOTFOUND;
+    }
+    char **names = NULL;
+    size_t n = 0, cap = 0;
+    jf_status st = JF_OK;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        size_t len = strlen(e->d_name);
+        if (len <= 4 || e->d_name[0] == '.' || strcmp(e->d_name + len - 4, ".sql") != 0)
+            continue;
+        if (n == MIGRATIONS_MAX) {
+            jf_error_set(err, "ledger: more than %d migrations in %s", MIGRATIONS_MAX, dir);
+            st = JF_ERR_INVALID;
+            break;
+        }
+        if (n == cap) {
+            size_t ncap = cap ? cap * 2 : 16;
+            char **nn = realloc(names, ncap * sizeof *nn);
+            if (nn == NULL) {
+                st = JF_ERR_NOMEM;
+                break;
+            }
+            names = nn;
+            cap = ncap;
+        }
+        if ((names[n] = strdup(e->d_name)) == NULL) {
+            st = JF_ERR_NOMEM;
+            break;
+        }
+        n++;
+    }
+    closedir(d);
+    if (st == JF_OK && n == 0) {
+        jf_error_set(err, "ledger: no *.sql migrations in %s", dir);
+        st = JF_ERR_NOTFOUND;
+    }
+    if (st != JF_OK) {
+        if (st == JF_ERR_NOMEM)
+            jf_error_set(err, "ledger: out of memory listing %s", dir);
+        for (size_t i = 0; i < n; i++)
+            free(names[i]);
+        free(names);
+        return st;
+    }
+    qsort(names, n, sizeof *names, cmp_names);
+    *out = names;
+    *n_out = n;
+    return JF_OK;
+}
+
+static jf_status read_file(const char *path, char **out, jf_error *err)
+{
+    FILE *f = fopen(path, "rb");
+    if (f == NULL) {
+        jf_error_set(err, "ledger: cannot read migration %s", path);
+        return JF_ERR_IO;
+    }
+    char *buf = malloc(MIGRATION_MAX_BYTES + 1);
+    if (buf == NULL) {
+        fclose(f);
+        jf_error_set(err, "ledger: out of memory reading %s", path);
+        return JF_ERR_NOMEM;
+    }
+    size_t n = fread(buf, 1, MIGRATION_MAX_BYTES + 1, f);
+    bool bad = ferror(f) != 0;
+    fclose(f);
+    if (bad || n > MIGRATION_MAX_BYTES || memchr(buf, '\0', n) != NULL) {
+        free(buf);
+        jf_error_set(err, "ledger: migration %s is unreadable, has NUL bytes or exceeds %d bytes",
+                     path, MIGRATION_MAX_BYTES);
+        return JF_ERR_INVALID;
+    }
+    buf[n] = '\0';
+    *out = buf;
+    return JF_OK;
+}
+
+static bool applied(PGconn *pg, const char *version, bool *out, jf_error *err)
+{
+    const char *params[] = {version};
+    PGresult *res = PQexecParams(pg, "SELECT 1 FROM jetfleet_migrations WHERE version = $1", 1,
+                                 NULL, params, NULL, NULL, 0);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        char line[400];
+        first_line(line, sizeof line, PQresultErrorMessage(res));
+        PQclear(res);
+        jf_error_set(err, "ledger: reading jetfleet_migrations: %s", line);
+        return false;
+    }
+    *out = PQntuples(res) > 0;
+    PQclear(res);
+    return true;
+}
+
+static jf_status apply_one(PGconn *pg, const char *dir, const char *file, jf_error *err)
+{
+    char version[256];
+    size_t len = strlen(file) - 4;
+    if (len >= sizeof version) {
+        jf_error_set(err, "ledger: migration name too long: %s", file);
+        return JF_ERR_INVALID;
+    }
+    memcpy(version, file, len);
+    version[len] = '\0';
+
+    bool done = false;
+    if (!applied(pg, version, &done, err))
+        return JF_ERR_IO;
+    if (done)
+        return JF_OK;
+
+    char path[4096];
+    if ((size_t)snprintf(path, sizeof path, "%s/%s", dir, file) >= sizeof path) {
+        jf_error_set(err, "ledger: migration path too long: %s", file);
+        return JF_ERR_INVALID;
+    }
+    char *sql = NULL;
+    jf_status st = read_file(path, &sql, err);
+    if (st != JF_OK)
+        return st;
+
+    char what[320];
+    snprintf(what, sizeof what, "migration %s", file);
+    st = run_sql(pg, "BEGIN", what, err);
+    if (st == JF_OK)
+        st = run_sql(pg, sql, what, err);
+    if (st == JF_OK) {
+        const char *params[] = {version};
+        PGresult *res = PQexecParams(pg, "INSERT INTO jetfleet_migrations (version) VALUES ($1)", 1,
+                                     NULL, params, NULL, NULL, 0);
+        if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+            char line[400];
+            first_line(line, sizeof line, PQresultErrorMessage(res));
+            jf_error_set(err, "ledger: recording migration %s: %s", file, line);
+            st = JF_ERR_IO;
+        }
+        PQclear(res);
+    }
+    if (st == JF_OK)
+        st = run_sql(pg, "COMMIT", what, err);
+    if (st != JF_OK)
+        PQclear(PQexec(pg, "ROLLBACK"));
+    free(sql);
+    if (st == JF_OK)
+        jf_log(JF_LOG_INFO, "ledger migration applied", JF_S("version", version),
+               JF_S("path", path));
+    return st;
+}
+
+static jf_status migrate(const char *dsn, jf_error *err)
+{
+    const char *dir = is_dir(JF_MIGRATIONS_DIR) ? JF_MIGRATIONS_DIR : JF_SOURCE_MIGRATIONS_DIR;
+    char **files = NULL;
+    size_t nfiles = 0;
+    jf_status st = list_migrations(dir, &files, &nfiles, err);
+    if (st != JF_OK)
+        return st;
+
+    const char *keys[] = {"fallback_application_name", "connect_timeout", "dbname",
+                          "client_encoding", NULL};
+    const char *vals[] = {"jetfleet-consumer", "10", dsn, "UTF8", NULL};
+    PGconn *pg = PQconnectdbParams(keys, vals, 1);
+    if (pg == NULL || PQstatus(pg) != CONNECTION_OK) {
+        char line[400];
+        first_line(line, sizeof line, pg ? PQerrorMessage(pg) : "out of memory");
+        jf_error_set(err, "ledger: cannot connect to PostgreSQL: %s", line);
+        st = JF_ERR_IO;
+        goto out;
+    }
+    PQsetNoticeReceiver(pg, quiet_notice, NULL);
+    /* Consumers starting together: one migrates, the others wait and then
+     * find everything applied. The lock goes with the session. */
+    st = run_sql(pg, "SELECT pg_advisory_lock(" MIGRATION_LOCK_KEY ")", "migration lock", err);
+    if (st == JF_OK)
+        st = run_sql(pg,
+                     "CREATE TABLE IF NOT EXISTS jetfleet_migrations ("
+                     " version text PRIMARY KEY,"
+                     " applied_at timestamptz NOT NULL DEFAULT now())",
+                     "creating jetfleet_migrations", err);
+    for (size_t i = 0; st == JF_OK && i < nfiles; i++)
+        st = apply_one(pg, dir, files[i], err);
+
+out:
+    PQfinish(pg);
+    for (size_t i = 0; i < nfiles; i++)
+        free(files[i]);
+    free(files);
+    return st;
+}
+
+/* ---- life cycle ------------------------------------------------------- */
+
+jf_status jf_ledger_create(jf_ledger **out, uv_loop_t *loop, const jf_config *cfg, jf_error *err)
+{
+    if (cfg->postgres_dsn == NULL || cfg->postgres_dsn[0] == '\0') {
+        jf_error_set(err, "ledger: [postgres] dsn is empty");
+        return JF_ERR_INVALID;
+    }
+    jf_status st;
+    jf_ledger *l = calloc(1, sizeof *l);
+    if (l == NULL) {
+        jf_error_set(err, "ledger: out of memory");
+        return JF_ERR_NOMEM;
+    }
+    l->loop = loop;
+    st = jf_breaker_create(&l->breaker, &cfg->ledger_breaker, err);
+    if (st != JF_OK)
+        goto fail;
+    st = migrate(cfg->postgres_dsn, err);
+    if (st != JF_OK)
+        goto fail;
+    jf_pgconn_options opts = {
+        .dsn = cfg->postgres_dsn,
+        .name = "ledger",
+        .statement_timeout_ms = cfg->postgres_statement_timeout_ms,
+        .statements = STATEMENTS,
+        .nstatements = sizeof STATEMENTS / sizeof STATEMENTS[0],
+        .connect_now = true,
+    };
+    st = jf_pgpool_create(&l->pool, loop, &opts,
+                          cfg->postgres_connections > 0 ? cfg->postgres_connections : 1, err);
+    if (st != JF_OK)
+        goto fail;
+    jf_log(JF_LOG_INFO, "ledger ready", JF_I("connections", cfg->postgres_connections));
+    *out = l;
+    return JF_OK;
+
+fail:
+    jf_breaker_destroy(l->breaker);
+    free(l);
+    return st;
+}
+
+void jf_ledger_destroy(jf_ledger *l)
+{
+    if (l == NULL)
+        return;
+    /* Pending callbacks run now with JF_ERR_IO; they may still use l. */
+    jf_pgpool_destroy(l->pool);
+    l->pool = NULL;
+    jf_breaker_destroy(l->breaker);
+    free(l);
+}
+
+bool jf_ledger_available(jf_ledger *l, int64_t now_ms)
+{
+    return jf_breaker_state_at(l->breaker, now_ms) != JF_BREAKER_OPEN;
+}
+
+/* ---- requests --------------------------------------------------------- */
+
+static lreq *new_lreq(jf_ledger *l, void *arg)
+{
+    lreq *q = calloc(1, sizeof *q);
+    if (q == NULL) {
+        /* As in pgconn.h: a callback that can never run would strand the
+         * job; a crash gets it redelivered. */
+        jf_log(JF_LOG_ERROR, "out of memory for a ledger request; aborting",
+               JF_S("error", "calloc failed"));
+        abort();
+    }
+    q->l = l;
+    q->arg = arg;
+    q->counted = jf_breaker_allow(l->breaker, jf_now_ms());
+    q->t0_ns = uv_hrtime();
+    return q;
+}
+
+static bool db_fault(const jf_pg_reply *r)
+{
+    switch (r->outcome) {
+    case JF_PG_CONN:
+    case JF_PG_TIMEOUT:
+        return true;
+    case JF_PG_SQL_ERROR:
+        /* The server answered, but it is the server that is in trouble. */
+        return r->sqlstate != NULL &&
+               (strncmp(r->sqlstate, "08", 2) == 0 || strncmp(r->sqlstate, "53", 2) == 0 ||
+                strncmp(r->sqlstate, "57", 2) == 0 || strncmp(r->sqlstate, "58", 2) == 0);
+    default:
+        return false;
+    }
+}
+
+/* Records the outcome in the breaker; returns the status for the caller and
+ * fills msg. */
+static jf_status settle(lreq *q, const jf_pg_reply *r, char *msg, size_t cap)
+{
+    jf_ledger *l = q->l;
+    if (q->counted) {
+        if (r->outcome == JF_PG_CLOSED) {
+            jf_breaker_cancel(l->breaker);
+        } else {
+            int64_t dur = (int64_t)((uv_hrtime() - q->t0_ns) / 1000000u);
+            jf_breaker_record(l->breaker, jf_now_ms(), db_fault(r), dur);
+        }
+    }
+    msg[0] = '\0';
+    if (r->outcome == JF_PG_OK)
+        return JF_OK;
+    if (r->outcome == JF_PG_SQL_ERROR || r->outcome == JF_PG_INVALID)
+        snprintf(msg, cap, "ledger: %s", r->error ? r->error : "error");
+    else
+        snprintf(msg, cap, "%s", r->error ? r->error : "ledger: error");
+    bool timeout =
+        r->outcome == JF_PG_TIMEOUT || (r->sqlstate != NULL && strcmp(r->sqlstate, "57014") == 0);
+    return timeout ? JF_ERR_TIMEOUT : JF_ERR_IO;
+}
+
+static void on_begin(void *arg, const jf_pg_reply *r)
+{
+    lreq *q = arg;
+    char msg[600];
+    jf_status st = settle(q, r, msg, sizeof msg);
+    jf_ledger_status prior = JF_LEDGER_NONE;
+    int attempts = 0;
+    if (st == JF_OK) {
+        const PGresult *res = r->res;
+        if (PQntuples(res) != 1 || PQnfields(res) != 3) {
+            st = JF_ERR_IO;
+            snprintf(msg, sizeof msg, "ledger: begin returned %d rows", PQntuples(res));
+        } else {
+            bool inserted = strcmp(PQgetvalue(res, 0, 0), "t") == 0;
+            const char *status = PQgetvalue(res, 0, 1);
+            attempts = atoi(PQgetvalue(res, 0, 2));
+            if (inserted)
+                prior = JF_LEDGER_NONE;
+            else if (strcmp(status, "succeeded") == 0)
+                prior = JF_LEDGER_SUCCEEDED;
+            else if (strcmp(status, "dead") == 0)
+                prior = JF_LEDGER_DEAD;
+            else
+                prior = JF_LEDGER_RUNNING;
+        }
+    }
+    q->begin_cb(q->arg, st, st == JF_OK ? prior : JF_LEDGER_NONE, st == JF_OK ? attempts : 0,
+                st == JF_OK ? NULL : msg);
+    free(q);
+}
+
+static void on_finish(void *arg, const jf_pg_reply *r)
+{
+    lreq *q = arg;
+    char msg[600];
+    jf_status st = settle(q, r, msg, sizeof msg);
+    q->done_cb(q->arg, st, st == JF_OK ? NULL : msg);
+    free(q);
+}
+
+void jf_ledger_begin(jf_ledger *l, const jf_ledger_job *job, jf_ledger_begin_cb cb, void *arg)
+{
+    lreq *q = new_lreq(l, arg);
+    q->begin_cb = cb;
+    char seq[24];
+    snprintf(seq, sizeof seq, "%" PRIu64, job->stream_seq);
+    const char *params[] = {job->job_id, job->service, job->priority, job->type, job->tenant, seq};
+    jf_pgpool_exec(l->pool, STMT_BEGIN, NULL, 6, params, NULL, on_begin, q);
+}
+
+/* An error as the ledger stores it: valid UTF-8 (a byte that is not becomes
+ * '?'), no control characters, at most LEDGER_ERROR_MAX bytes. Returns a
+ * malloc'd copy or NULL. */
+static char *clean_error(const char *s)
+{
+    if (s == NULL)
+        return NULL;
+    size_t len = strlen(s);
+    if (len > LEDGER_ERROR_MAX)
+        len = LEDGER_ERROR_MAX;
+    char *out = malloc(len + 1);
+    if (out == NULL)
+        return NULL;
+    const unsigned char *p = (const unsigned char *)s;
+    size_t i = 0, n = 0;
+    while (i < len) {
+        unsigned char c = p[i];
+        size_t need = c < 0x80           ? 1
+                      : (c >> 5) == 0x6  ? 2
+                      : (c >> 4) == 0xe  ? 3
+                      : (c >> 3) == 0x1e ? 4
+                                         : 0;
+        bool ok = need > 0 && i + need <= len;
+        for (size_t k = 1; ok && k < need; k++)
+            ok = (p[i + k] & 0xc0) == 0x80;
+        if (ok && need == 2)
+            ok = c >= 0xc2;
+        if (ok && need == 3) {
+            unsigned cp = ((c & 0x0fu) << 12) | ((p[i + 1] & 0x3fu) << 6) | (p[i + 2] & 0x3fu);
+            ok = cp >= 0x800 && (cp < 0xd800 || cp > 0xdfff);
+        }
+        if (ok && need == 4) {
+            unsigned cp = ((c & 0x07u) << 18) | ((p[i + 1] & 0x3fu) << 12) |
+                          ((p[i + 2] & 0x3fu) << 6) | (p[i + 3] & 0x3fu);
+            ok = cp >= 0x10000 && cp <= 0x10ffff;
+        }
+        if (!ok) {
+            out[n++] = '?';
+            i++;
+            continue;
+        }
+        if (need == 1 && (c < 0x20 || c == 0x7f)) {
+            out[n++] = ' ';
+            i++;
+            continue;
+        }
+        memcpy(out + n, p + i, need);
+        n += need;
+        i += need;
+    }
+    out[n] = '\0';
+    return out;
+}
+
+/* jsonb refuses \u0000 in strings, which JSON and jansson allow: stored as
+ * U+FFFD rather than losing the whole result. */
+static void replace_nul_escapes(char *s)
+{
+    for (char *p = s; *p != '\0'; p++) {
+        if (*p != '\\')
+            continue;
+        if (p[1] == 'u' && strncmp(p + 2, "0000", 4) == 0)
+            memcpy(p + 2, "fffd", 4);
+        if (p[1] != '\0')
+            p++; /* skip the escaped character, so "\\u0000" stays */
+    }
+}
+
+void jf_ledger_finish(jf_ledger *l, const jf_ledger_job *job, jf_ledger_status status,
+                      const json_t *result, const char *error, jf_ledger_done_cb cb, void *arg)
+{
+    lreq *q = new_lreq(l, arg);
+    q->done_cb = cb;
+    if (status == JF_LEDGER_NONE) {
+        jf_pgpool_fail(l->pool, "finish with status none", on_finish, q);
+        return;
+    }
+    char *res_text = NULL;
+    if (result != NULL) {
+        res_text = json_dumps(result, JSON_COMPACT | JSON_ENCODE_ANY);
+        if (res_text == NULL) {
+            jf_pgpool_fail(l->pool, "cannot encode the result as JSON", on_finish, q);
+            return;
+        }
+        replace_nul_escapes(res_text);
+    }
+    char *err_text = clean_error(error);
+    if (error != NULL && err_text == NULL) {
+        free(res_text);
+        jf_pgpool_fail(l->pool, "out of memory", on_finish, q);
+        return;
+    }
+    char seq[24];
+    snprintf(seq, sizeof seq, "%" PRIu64, job->stream_seq);
+    const char *params[] = {job->job_id,
+                            job->service,
+                            job->priority,
+                            job->type,
+                            job->tenant,
+                            jf_ledger_status_name(status),
+                            res_text,
+                            status == JF_LEDGER_SUCCEEDED ? NULL : err_text,
+                            seq};
+    jf_pgpool_exec(l->pool, STMT_FINISH, NULL, 9, params, NULL, on_finish, q);
+    free(res_text);
+    free(err_text);
+}

@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 
 #include "config.h"
 #include "fleet.h"
@@ -104,6 +105,13 @@ int main(int argc, char **argv)
         jf_log_set_level(lvl);
     }
     signal(SIGPIPE, SIG_IGN);
+    /* Every in-flight HTTP call holds a socket: a thousand slow calls do not
+     * fit the usual soft limit of 1024 descriptors. */
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
 
     jf_fleet *fleet = NULL;
     jf_fleet_options opts = {

@@ -827,6 +827,7 @@ static void test_downstream_keys(void **state)
     assert_int_equal(llm->breaker.window, 20); /* default */
     const jf_service_config *db = jf_config_service(c, "db");
     assert_int_equal(db->kind, JF_KIND_POSTGRES);
+    assert_string_equal(db->dsn, "host=/tmp dbname=x"); /* from [postgres] */
     assert_string_equal(db->sql, "SELECT f($1::jsonb)");
     assert_true(db->tls_verify); /* default */
     assert_int_equal(db->max_response, 1 << 20);
@@ -840,6 +841,8 @@ static void test_downstream_keys(void **state)
     m = load_fail("[service.a]\nkind = postgres\n", JF_ERR_INVALID);
     assert_msg_has(m, "kind = postgres needs sql");
     m = load_fail("[service.a]\nkind = postgres\nsql = SELECT 1\n", JF_ERR_INVALID);
+    assert_msg_has(m, "t.ini:3: [service.a] sql must pass the envelope as $1");
+    m = load_fail("[service.a]\nkind = postgres\nsql = SELECT f($1)\n", JF_ERR_INVALID);
     assert_msg_has(m, "needs dsn here or in [postgres]");
     m = load_fail("[service.a]\nkind = noop\nbreaker_window = 5\n", JF_ERR_INVALID);
     assert_msg_has(m, "breaker_min_calls = 10 exceeds breaker_window = 5");
