@@ -20,16 +20,17 @@ struct jf_breaker {
     int failures;
     int slows;
     int64_t open_until_ms;
-    int streak;       /* trips in a row since it last closed */
-    int probes_out;   /* half-open permits handed out and not given back */
-    int probes_ok;    /* half-open probes that succeeded */
+    int streak;     /* trips in a row since it last closed */
+    int probes_out; /* half-open permits handed out and not given back */
+    int probes_ok;  /* half-open probes that succeeded */
     uint64_t trips;
 };
 
 jf_status jf_breaker_create(jf_breaker **out, const jf_breaker_config *cfg, jf_error *err)
 {
     if (cfg->window < 1 || cfg->min_calls < 1 || cfg->min_calls > cfg->window) {
-        jf_error_set(err, "breaker: window %d and min_calls %d must satisfy 1 <= min_calls <= window",
+        jf_error_set(err,
+                     "breaker: window %d and min_calls %d must satisfy 1 <= min_calls <= window",
                      cfg->window, cfg->min_calls);
         return JF_ERR_INVALID;
     }
@@ -179,8 +180,8 @@ void jf_breaker_record(jf_breaker *b, int64_t now_ms, bool failure, int64_t dura
         return;
     /* Percentages compared in integers: "reach 50%" of 20 is exactly 10. */
     bool too_many_failures = (int64_t)b->failures * 100 >= (int64_t)b->cfg.failure_rate * b->count;
-    bool too_slow = b->cfg.slow_call_ms > 0 &&
-                    (int64_t)b->slows * 100 >= (int64_t)b->cfg.slow_rate * b->count;
+    bool too_slow =
+        b->cfg.slow_call_ms > 0 && (int64_t)b->slows * 100 >= (int64_t)b->cfg.slow_rate * b->count;
     if (too_many_failures || too_slow)
         trip(b, now_ms);
 }

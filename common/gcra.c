@@ -20,8 +20,8 @@ int64_t jf_gcra_tau_us(int64_t interval_us, int64_t burst)
     return tau;
 }
 
-bool jf_gcra_take(int64_t *tat_us, int64_t now_us, int64_t interval_us, int64_t tau_us,
-                  int64_t n, jf_gcra_lease *out)
+bool jf_gcra_take(int64_t *tat_us, int64_t now_us, int64_t interval_us, int64_t tau_us, int64_t n,
+                  jf_gcra_lease *out)
 {
     int64_t span, tat, base;
     if (n < 1 || interval_us < 1 || tau_us < 0)
@@ -29,8 +29,8 @@ bool jf_gcra_take(int64_t *tat_us, int64_t now_us, int64_t interval_us, int64_t 
     /* A TAT in the past is no credit: idle time does not bank calls beyond
      * the burst. */
     int64_t start = *tat_us > now_us ? *tat_us : now_us;
-    if (__builtin_mul_overflow(n, interval_us, &span) || __builtin_add_overflow(start, span, &tat) ||
-        __builtin_sub_overflow(start, tau_us, &base))
+    if (__builtin_mul_overflow(n, interval_us, &span) ||
+        __builtin_add_overflow(start, span, &tat) || __builtin_sub_overflow(start, tau_us, &base))
         return false;
     *tat_us = tat;
     out->now_us = now_us;

@@ -51,8 +51,8 @@ typedef struct jf_gcra_lease {
  * past (or 0 for "never used") means no backlog. False, with *tat_us and
  * *out untouched, when n < 1, interval_us < 1, tau_us < 0 or a slot or the
  * new TAT would overflow int64 (an absurd n or TAT). */
-bool jf_gcra_take(int64_t *tat_us, int64_t now_us, int64_t interval_us, int64_t tau_us,
-                  int64_t n, jf_gcra_lease *out);
+bool jf_gcra_take(int64_t *tat_us, int64_t now_us, int64_t interval_us, int64_t tau_us, int64_t n,
+                  jf_gcra_lease *out);
 
 /* Slot i of a lease (0 <= i < lease->n). */
 int64_t jf_gcra_lease_slot(const jf_gcra_lease *lease, int64_t i);

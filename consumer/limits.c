@@ -55,25 +55,25 @@
 #include "gcra.h"
 #include "log.h"
 
-#define BUCKET          "jetfleet_limits"
-#define HEARTBEAT_MS    2000
-#define STALE_MS        (3 * HEARTBEAT_MS)
-#define POLL_MS         100   /* no room fleet-wide: look again this often */
-#define RETRY_MS        500   /* after a KV error */
-#define ERROR_LOG_MS    60000
-#define CAS_TRIES       16    /* conflicts in a row before backing off */
-#define VALUE_MAX       (1 << 20)
-#define LEASE_WINDOW_MS 50    /* a lease holds about this much of a high rate */
-#define LEASE_MAX       1000
-#define GUARD_MIN_US    40000   /* widening of each rate period: 1% of it, */
-#define GUARD_MAX_US    1000000 /* within these bounds */
-#define LEAD_MAX_US     50000 /* slots start at least this far ahead at most */
+#define BUCKET           "jetfleet_limits"
+#define HEARTBEAT_MS     2000
+#define STALE_MS         (3 * HEARTBEAT_MS)
+#define POLL_MS          100 /* no room fleet-wide: look again this often */
+#define RETRY_MS         500 /* after a KV error */
+#define ERROR_LOG_MS     60000
+#define CAS_TRIES        16 /* conflicts in a row before backing off */
+#define VALUE_MAX        (1 << 20)
+#define LEASE_WINDOW_MS  50 /* a lease holds about this much of a high rate */
+#define LEASE_MAX        1000
+#define GUARD_MIN_US     40000   /* widening of each rate period: 1% of it, */
+#define GUARD_MAX_US     1000000 /* within these bounds */
+#define LEAD_MAX_US      50000   /* cap of the lead of the earliest slot over "now" */
 #define RESTORE_CHECK_MS 10000
-#define MAX_WORKERS     3     /* leave libuv's 4th pool thread to others */
-#define PID_MAX         128
-#define KEY_MAX         (JF_NAME_MAX + 16)
-#define SLOT_NOW        INT64_MIN /* in a ready entry: "now", read at dispatch */
-#define N_MAX           1000000000
+#define MAX_WORKERS      3 /* leave libuv's 4th pool thread to others */
+#define PID_MAX          128
+#define KEY_MAX          (JF_NAME_MAX + 16)
+#define SLOT_NOW         INT64_MIN /* in a ready entry: "now", read at dispatch */
+#define N_MAX            1000000000
 
 typedef struct waiter {
     jf_limits_cb cb;
@@ -92,22 +92,22 @@ typedef struct lim_key {
     bool on;
     bool is_rate;
     char key[KEY_MAX];
-    fifo q;            /* waiting for a slot, FIFO */
-    bool busy;         /* a worker for this key is queued or running */
-    bool timer_armed;  /* a poll, retry or lookahead wait is pending */
+    fifo q;           /* waiting for a slot, FIFO */
+    bool busy;        /* a worker for this key is queued or running */
+    bool timer_armed; /* a poll, retry or lookahead wait is pending */
     uv_timer_t *timer;
     /* rate */
     int64_t interval_us, tau_us, lookahead_us;
     int lease_max;
-    int64_t horizon_us; /* latest slot handed out */
-    int64_t latency_us; /* moving average of a lease's KV round trips */
-    int64_t late_us;    /* a slot this late on arrival is dropped */
+    int64_t horizon_us;    /* latest slot handed out */
+    int64_t latency_us;    /* moving average of a lease's KV round trips */
+    int64_t late_us;       /* a slot this late on arrival is dropped */
     uint64_t late_dropped; /* slots dropped as late */
     uint64_t waits;
     /* in-flight */
     int limit;
-    int held;    /* granted here, not yet released */
-    int written; /* this process's n as the bucket last had it */
+    int held;             /* granted here, not yet released */
+    int written;          /* this process's n as the bucket last had it */
     bool written_waiting; /* … and whether it says this process waits */
     int share;            /* last seen: an even share, and whether others wait */
     bool others_waiting;
@@ -126,7 +126,7 @@ typedef struct work {
     struct work *prev, *next; /* lim->active */
     jf_limits *lim;           /* NULL once destroy has orphaned it */
     lim_key *k;
-    bool done;                /* work_cb over (under lim->mu) */
+    bool done; /* work_cb over (under lim->mu) */
     /* inputs */
     int64_t want;
     int64_t lead_us;
@@ -853,8 +853,7 @@ void jf_limits_release_inflight(jf_limits *lim, const jf_service_config *svc)
                JF_S("service", k->svc->name));
         return;
     }
-    if (k->q.len > 0 && !atomic_load(&lim->closing) &&
-        !(k->others_waiting && k->held > k->share)) {
+    if (k->q.len > 0 && !atomic_load(&lim->closing) && !(k->others_waiting && k->held > k->share)) {
         /* Hand the slot to the next local waiter: this process still holds
          * as many, so the bucket need not hear of it. Not above an even
          * share while another process waits: that one gets it through the
@@ -893,8 +892,9 @@ static jf_status setup_keys(jf_limits *lim, svc_keys *s, const jf_service_config
         r->interval_us = jf_gcra_interval_us(svc->rate.count, period_us, guard);
         r->tau_us = jf_gcra_tau_us(r->interval_us, svc->burst);
         if (r->interval_us < 1 || r->tau_us < 0) {
-            jf_error_set(err, "service %s: rate %" PRId64 " per %" PRId64 " ms with burst %d "
-                              "cannot be enforced",
+            jf_error_set(err,
+                         "service %s: rate %" PRId64 " per %" PRId64 " ms with burst %d "
+                         "cannot be enforced",
                          svc->name, svc->rate.count, svc->rate.period_ms, svc->burst);
             return JF_ERR_INVALID;
         }
@@ -1037,8 +1037,9 @@ static void remove_own_entries(jf_limits *lim)
         work w = {.k = k, .want = 0, .held = 0, .heartbeat = false};
         inflight_work(&w, false);
         if (w.result != RES_OK)
-            jf_log(JF_LOG_WARN, "fleet-wide in-flight: could not remove this process's entry; "
-                                "it expires in 6 s",
+            jf_log(JF_LOG_WARN,
+                   "fleet-wide in-flight: could not remove this process's entry; "
+                   "it expires in 6 s",
                    JF_S("service", k->svc->name),
                    JF_S("error", w.result == RES_BUSY ? "compare-and-set kept failing" : w.error));
     }

@@ -297,8 +297,7 @@ static void test_absurd_sizes_refused(void **st)
     tat = 0;
     assert_true(jf_gcra_take(&tat, SEC_US, 1, 0, INT64_C(1000000000000), &l));
     assert_int_equal(tat, SEC_US + INT64_C(1000000000000));
-    assert_int_equal(jf_gcra_lease_slot(&l, INT64_C(999999999999)),
-                     SEC_US + INT64_C(999999999999));
+    assert_int_equal(jf_gcra_lease_slot(&l, INT64_C(999999999999)), SEC_US + INT64_C(999999999999));
 }
 
 int main(void)
