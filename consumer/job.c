@@ -4,9 +4,10 @@
  *            ─ deadline passed ────────────────────────────► dead letter "expired"
  *            ─ breaker open ─► held (or NAKed with a delay when the ledger counts
  *                              attempts) until it half-opens
- *            ─ fleet-wide in-flight slot ─► rate slot (waits for its time)
- *            ─ breaker permit ─► ledger row claimed (already succeeded/dead: ack,
- *                                no call) ─► handler ─► outcome
+ *            ─ fleet-wide in-flight slot ─► breaker permit ─► ledger row claimed
+ *              (already succeeded/dead: ack, no call) ─► rate slot (waits for its
+ *              time; taken last so nothing slow sits between slot and call)
+ *              ─► handler ─► outcome
  *   outcome OK ─────────► ledger "succeeded" ─► +ACK
  *           RETRY ──────► ledger "running" ───► -NAK with backoff, or, on the last
  *                                               attempt, dead letter "max_deliveries"
@@ -38,6 +39,7 @@ static int64_t now_ms(void)
 }
 
 static void advance(jf_job *job);
+static void ask_rate(jf_job *job);
 static void dead_letter(jf_job *job, jf_dl_reason reason, const char *error);
 
 /* ---- acks ------------------------------------------------------------ */
@@ -164,6 +166,9 @@ static void start_timer(jf_job *job, int64_t ms, uv_timer_cb cb)
     }
     uv_timer_init(&job->f->loop, job->timer);
     job->timer->data = job;
+    /* The loop's cached time may be behind the wall clock the delay came
+     * from: refresh it so a rate slot is never started early. */
+    uv_update_time(&job->f->loop);
     uv_timer_start(job->timer, cb, (uint64_t)(ms > 0 ? ms : 0), 0);
 }
 
@@ -496,7 +501,7 @@ static void on_begun(void *arg, jf_status st, jf_ledger_status prior, int attemp
         too_many_attempts(job, job->attempt - 1);
         return;
     }
-    call(job);
+    ask_rate(job);
 }
 
 static void hold_for_breaker(jf_job *job)
@@ -525,7 +530,8 @@ static void hold_for_breaker(jf_job *job)
     s->waiting_tail = job;
 }
 
-static void after_limits(jf_job *job)
+/* Breaker permit, then the ledger row (which counts the attempt). */
+static void claim(jf_job *job)
 {
     jf_fleet *f = job->f;
     service_rt *s = job->d->svc;
@@ -547,14 +553,14 @@ static void after_limits(jf_job *job)
         too_many_attempts(job, job->attempt - 1);
         return;
     }
-    call(job);
+    ask_rate(job);
 }
 
 static void on_slot_time(uv_timer_t *t)
 {
     jf_job *job = t->data;
     stop_timer(job);
-    after_limits(job);
+    call(job);
 }
 
 static void on_rate_slot(void *arg, int64_t slot_ms)
@@ -571,7 +577,7 @@ static void on_rate_slot(void *arg, int64_t slot_ms)
         start_timer(job, wait, on_slot_time);
         return;
     }
-    after_limits(job);
+    call(job);
 }
 
 static void ask_rate(jf_job *job)
@@ -584,7 +590,7 @@ static void ask_rate(jf_job *job)
         jf_limits_acquire_rate(f->limits, svc, on_rate_slot, job);
         return;
     }
-    after_limits(job);
+    call(job);
 }
 
 static void on_inflight_slot(void *arg, int64_t slot_ms)
@@ -598,7 +604,7 @@ static void on_inflight_slot(void *arg, int64_t slot_ms)
     }
     unref(job);
     job->has_inflight = true;
-    ask_rate(job);
+    claim(job);
 }
 
 /* From NEW (or a breaker wait) on towards a call. */
@@ -616,7 +622,7 @@ static void advance(jf_job *job)
         jf_limits_acquire_inflight(f->limits, s->cfg, on_inflight_slot, job);
         return;
     }
-    ask_rate(job);
+    claim(job);
 }
 
 void jf_job_release_waiting(jf_fleet *f, service_rt *s)
