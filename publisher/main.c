@@ -160,6 +160,10 @@ static void usage(FILE *out)
             "Commands:\n"
             "  publish    publish one job built from options\n"
             "  batch      publish NDJSON job envelopes from a file or stdin\n"
+            "  replay     republish a window of JOBS so the fleet reprocesses it\n"
+            "  dlq        list, show, re-drive or purge dead letters\n"
+            "  status     per service and priority: pending, in flight, dead; or one job\n"
+            "  serve      HTTP intake: POST /jobs, GET /jobs/{id}, GET /healthz\n"
             "\n"
             "Options (before the command):\n"
             "  -c, --config FILE     configuration file (default: ./jetfleet.ini when present)\n"
@@ -215,16 +219,23 @@ int main(int argc, char **argv)
         }
     }
     if (optind >= argc)
-        return jf_pub_usage_error(NULL, "missing command (publish or batch)");
+        return jf_pub_usage_error(NULL, "missing command (publish, batch, replay, dlq, status or serve)");
 
+    static const struct {
+        const char *name;
+        int (*run)(int, char **, const jf_pub_globals *);
+    } commands[] = {
+        {"publish", jf_cmd_publish}, {"batch", jf_cmd_batch},   {"replay", jf_cmd_replay},
+        {"dlq", jf_cmd_dlq},         {"status", jf_cmd_status}, {"serve", jf_cmd_serve},
+    };
     const char *cmd = argv[optind];
     int (*run)(int, char **, const jf_pub_globals *) = NULL;
-    if (strcmp(cmd, "publish") == 0)
-        run = jf_cmd_publish;
-    else if (strcmp(cmd, "batch") == 0)
-        run = jf_cmd_batch;
-    else
-        return jf_pub_usage_error(NULL, "unknown command '%s' (publish or batch)", cmd);
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        if (strcmp(cmd, commands[i].name) == 0)
+            run = commands[i].run;
+    if (run == NULL)
+        return jf_pub_usage_error(
+            NULL, "unknown command '%s' (publish, batch, replay, dlq, status or serve)", cmd);
 
     /* A closed stdout must show up as a write error, not kill the process. */
     signal(SIGPIPE, SIG_IGN);

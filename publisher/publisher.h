@@ -70,6 +70,10 @@ const char *jf_pub_nats_error(natsStatus s);
 /* Commands: argv[0] is the command name; return the exit code. */
 int jf_cmd_publish(int argc, char **argv, const jf_pub_globals *g);
 int jf_cmd_batch(int argc, char **argv, const jf_pub_globals *g);
+int jf_cmd_replay(int argc, char **argv, const jf_pub_globals *g); /* replay.c */
+int jf_cmd_dlq(int argc, char **argv, const jf_pub_globals *g);    /* dlq.c */
+int jf_cmd_status(int argc, char **argv, const jf_pub_globals *g); /* status.c */
+int jf_cmd_serve(int argc, char **argv, const jf_pub_globals *g);  /* serve.c */
 
 /* Monotonic milliseconds, for durations and progress. */
 int64_t jf_pub_mono_ms(void);
