@@ -786,6 +786,10 @@ void jf_fleet_destroy(jf_fleet *f)
             f->services[i].ops->destroy(f->services[i].impl);
         jf_breaker_destroy(f->services[i].breaker);
     }
+    /* Wait for nats.c's threads to end: after this no callback can push an
+     * event, so the queue below is final (this process has one fleet, and
+     * the library is not used after it). */
+    nats_CloseAndWait(2000);
     if (f->loop.data == f) {
         /* Let closing handles (timers of cancelled jobs too) finish. */
         uv_run(&f->loop, UV_RUN_NOWAIT);

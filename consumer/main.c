@@ -129,8 +129,7 @@ int main(int argc, char **argv)
         jf_log(JF_LOG_ERROR, "stopped with an error", JF_S("error", err.msg));
         rc = 1;
     }
-    jf_fleet_destroy(fleet);
+    jf_fleet_destroy(fleet); /* also closes the nats.c library (and waits for its threads) */
     jf_config_destroy(cfg);
-    nats_Close();
     return rc;
 }
