@@ -112,11 +112,20 @@ static const key_def consumer_keys[] = {
     {"priority_weights", T_WEIGHTS, CFG(consumer.priority_weights), 0, 1, 1000, 0},
     {"shutdown_grace", T_DURATION, CFG(consumer.shutdown_grace_ms), 0, 0, HOUR_MS, 0},
     {"stats_interval", T_DURATION, CFG(consumer.stats_interval_ms), 0, 0, DAY_MS, 0},
+    {"metrics_listen", T_STR, CFG(consumer.metrics_listen), 0, 0, 0, 0},
 };
 
 static const key_def publisher_keys[] = {
     {"max_pending", T_INT, CFG(publisher.max_pending), 0, 1, 1000000, 0},
     {"timeout", T_DURATION, CFG(publisher.timeout_ms), 0, 1, HOUR_MS, 0},
+};
+
+static const key_def intake_keys[] = {
+    {"listen", T_STR_REQ, CFG(intake.listen), 0, 0, 0, 0},
+    {"token", T_STR, CFG(intake.token), 0, 0, 0, 1},
+    {"token_file", T_STR, CFG(intake.token_file), 0, 0, 0, 0},
+    {"max_body", T_INT, CFG(intake.max_body), 0, 1, 1 << 30, 0},
+    {"max_jobs", T_INT, CFG(intake.max_jobs), 0, 1, 1000000, 0},
 };
 
 static const key_def log_keys[] = {
@@ -162,7 +171,7 @@ typedef struct section_def {
     size_t nkeys;
 } section_def;
 
-enum { S_NATS, S_STREAM, S_POSTGRES, S_CONSUMER, S_PUBLISHER, S_LOG, NFIXED };
+enum { S_NATS, S_STREAM, S_POSTGRES, S_CONSUMER, S_PUBLISHER, S_LOG, S_INTAKE, NFIXED };
 
 static const section_def fixed_sections[NFIXED] = {
     {"nats", nats_keys, NKEYS(nats_keys)},
@@ -171,6 +180,7 @@ static const section_def fixed_sections[NFIXED] = {
     {"consumer", consumer_keys, NKEYS(consumer_keys)},
     {"publisher", publisher_keys, NKEYS(publisher_keys)},
     {"log", log_keys, NKEYS(log_keys)},
+    {"intake", intake_keys, NKEYS(intake_keys)},
 };
 
 #define SERVICE_PREFIX "service."
@@ -539,10 +549,14 @@ static jf_status config_defaults(jf_config *c)
     breaker_defaults(&c->ledger_breaker);
     c->publisher.max_pending = 1024;
     c->publisher.timeout_ms = 5 * SEC_MS;
+    c->intake.max_body = 1 << 20;
+    c->intake.max_jobs = 1000;
     c->nats.url = dup_str("nats://127.0.0.1:4222");
     c->stream.name = dup_str("JOBS");
     c->stream.dlq = dup_str("JOBS_DLQ");
-    if (c->nats.url == NULL || c->stream.name == NULL || c->stream.dlq == NULL)
+    c->intake.listen = dup_str("127.0.0.1:8080");
+    if (c->nats.url == NULL || c->stream.name == NULL || c->stream.dlq == NULL ||
+        c->intake.listen == NULL)
         return JF_ERR_NOMEM;
     return JF_OK;
 }
@@ -603,8 +617,8 @@ static int enter_section(parse_ctx *c, const char *name, size_t len)
         char q[QUOTE_MAX * 4 + 8];
         quote(q, sizeof q, c->label);
         fail_at(c, JF_ERR_INVALID,
-                "unknown section [%s] (known: nats, stream, postgres, consumer, publisher, log, "
-                "service.NAME)",
+                "unknown section [%s] (known: nats, stream, postgres, consumer, publisher, intake, "
+                "log, service.NAME)",
                 q);
         return 0;
     }
@@ -1028,6 +1042,13 @@ static jf_status check_whole(parse_ctx *c)
                      unset);
         return JF_ERR_INVALID;
     }
+    if (cfg->intake.token != NULL && cfg->intake.token_file != NULL) {
+        origin(o1, sizeof o1, c, "intake", "token_file", fixed_src(c, S_INTAKE, "token_file"));
+        origin(o2, sizeof o2, c, "intake", "token", fixed_src(c, S_INTAKE, "token"));
+        jf_error_set(c->err, "%s: [intake] token_file and [intake] token (%s) are both set; give one",
+                     o1, o2);
+        return JF_ERR_INVALID;
+    }
     return JF_OK;
 }
 
@@ -1123,6 +1144,10 @@ void jf_config_destroy(jf_config *cfg)
     free(cfg->stream.name);
     free(cfg->stream.dlq);
     free(cfg->postgres_dsn);
+    free(cfg->consumer.metrics_listen);
+    free(cfg->intake.listen);
+    free(cfg->intake.token);
+    free(cfg->intake.token_file);
     for (size_t i = 0; i < cfg->nservices; i++) {
         jf_service_config *s = &cfg->services[i];
         free(s->url);

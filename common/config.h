@@ -76,12 +76,22 @@ typedef struct jf_consumer_config {
     int priority_weights[3];    /* high, normal, low shares of a busy process; default 6,3,1 */
     int64_t shutdown_grace_ms;  /* default 30s */
     int64_t stats_interval_ms;  /* 0 = no periodic stats line; default 0 */
+    char *metrics_listen;       /* HOST:PORT of /metrics, /healthz, /readyz; NULL = off */
 } jf_consumer_config;
 
 typedef struct jf_publisher_config {
     int max_pending;       /* async publishes awaiting a PubAck; default 1024 */
     int64_t timeout_ms;    /* per-message PubAck timeout; default 5s */
 } jf_publisher_config;
+
+/* `jetfleet-publisher serve`: the HTTP intake. */
+typedef struct jf_intake_config {
+    char *listen;          /* HOST:PORT; default 127.0.0.1:8080 */
+    char *token;           /* bearer token for /jobs; secret; NULL (and no token_file) = no auth */
+    char *token_file;      /* a file whose first line is the token */
+    int max_body;          /* request body bytes at most; default 1 MiB */
+    int max_jobs;          /* envelopes in one POST /jobs at most; default 1000 */
+} jf_intake_config;
 
 typedef struct jf_service_config {
     char name[JF_NAME_MAX + 1];
@@ -125,6 +135,7 @@ typedef struct jf_config {
     jf_breaker_config ledger_breaker; /* [postgres] breaker_* */
     jf_consumer_config consumer;
     jf_publisher_config publisher;
+    jf_intake_config intake;
     jf_service_config services[JF_MAX_SERVICES];
     size_t nservices;
 } jf_config;

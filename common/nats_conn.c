@@ -104,15 +104,13 @@ static jf_status split_urls(char **copy, char **urls, int *n, const char *list, 
     return JF_OK;
 }
 
-/* The most precise text nats.c has for the last failure on this thread. */
-static const char *nats_err_text(natsStatus s)
+const char *jf_nats_error_text(natsStatus s)
 {
     natsStatus last = NATS_OK;
     const char *t = nats_GetLastError(&last);
     if (t == NULL || *t == '\0' || last != s)
         return natsStatus_GetText(s);
-    /* nats.c prefixes its own source position, "(conn.c:2088): "; a user
-     * needs only the words. */
+    /* nats.c prefixes its own source position; a user needs only the words. */
     if (t[0] == '(') {
         const char *e = strstr(t, "): ");
         if (e != NULL && (size_t)(e - t) < 64)
@@ -343,7 +341,7 @@ static void on_async_error(natsConnection *nc, natsSubscription *sub, natsStatus
 
 static jf_status opts_fail(natsStatus s, const char *what, jf_error *err)
 {
-    jf_error_set(err, "%s: %s", what, nats_err_text(s));
+    jf_error_set(err, "%s: %s", what, jf_nats_error_text(s));
     return s == NATS_NO_MEMORY ? JF_ERR_NOMEM : JF_ERR_INVALID;
 }
 
@@ -395,7 +393,7 @@ static jf_status build_options(natsOptions *o, const jf_nats_config *nc, const c
             return opts_fail(s, "[nats] tls", err);
         if (set(nc->tls_ca) &&
             (s = natsOptions_LoadCATrustedCertificates(o, nc->tls_ca)) != NATS_OK) {
-            jf_error_set(err, "[nats] tls_ca: cannot load %s: %s", nc->tls_ca, nats_err_text(s));
+            jf_error_set(err, "[nats] tls_ca: cannot load %s: %s", nc->tls_ca, jf_nats_error_text(s));
             return JF_ERR_INVALID;
         }
         if (set(nc->tls_cert) != set(nc->tls_key)) {
@@ -405,7 +403,7 @@ static jf_status build_options(natsOptions *o, const jf_nats_config *nc, const c
         if (set(nc->tls_cert) &&
             (s = natsOptions_LoadCertificatesChain(o, nc->tls_cert, nc->tls_key)) != NATS_OK) {
             jf_error_set(err, "[nats] tls_cert/tls_key: cannot load %s / %s: %s", nc->tls_cert,
-                         nc->tls_key, nats_err_text(s));
+                         nc->tls_key, jf_nats_error_text(s));
             return JF_ERR_INVALID;
         }
     }
@@ -499,7 +497,7 @@ jf_status jf_nats_connect(natsConnection **out, const jf_config *cfg, const char
             break;
         int64_t left = deadline - mono_ms();
         if (!retryable(s) || left <= 0) {
-            jf_error_set(err, "cannot connect to %s: %s", shown, nats_err_text(s));
+            jf_error_set(err, "cannot connect to %s: %s", shown, jf_nats_error_text(s));
             st = s == NATS_CONNECTION_AUTH_FAILED || s == NATS_NOT_PERMITTED ? JF_ERR_NATS
                  : retryable(s)                                              ? JF_ERR_TIMEOUT
                                                                              : JF_ERR_NATS;

@@ -22,6 +22,10 @@ typedef struct jf_nats_callbacks {
     bool global_delivery;
 } jf_nats_callbacks;
 
+/* The most precise text nats.c has for s (the last failure on this thread),
+ * without nats.c's "(conn.c:2088): " source position. Never NULL. */
+const char *jf_nats_error_text(natsStatus s);
+
 /* Connects (retrying the first connect until connect_timeout passes). cbs
  * may be NULL. On success *out is owned by the caller (natsConnection_Destroy). */
 jf_status jf_nats_connect(natsConnection **out, const jf_config *cfg, const char *default_name,

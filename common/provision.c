@@ -3,6 +3,7 @@
  * a stream's retention or a durable's filter under a running fleet loses or
  * duplicates jobs, so that decision stays with a person. */
 #include "provision.h"
+#include "nats_conn.h"
 
 #include <stdio.h>
 #include <string.h>
@@ -51,20 +52,9 @@ static void fmt_ns(char *buf, size_t cap, int64_t ns)
 
 static const char *nats_err_text(natsStatus s)
 {
-    natsStatus last = NATS_OK;
-    const char *t = nats_GetLastError(&last);
     if (s == NATS_NO_RESPONDERS)
         return "JetStream is not enabled on the server (no responders)";
-    if (t == NULL || *t == '\0' || last != s)
-        return natsStatus_GetText(s);
-    /* nats.c prefixes its own source position, "(conn.c:2088): "; a user
-     * needs only the words. */
-    if (t[0] == '(') {
-        const char *e = strstr(t, "): ");
-        if (e != NULL && (size_t)(e - t) < 64)
-            t = e + 3;
-    }
-    return t;
+    return jf_nats_error_text(s);
 }
 
 /* What one stream must be. */

@@ -10,6 +10,7 @@
  * backoff, which is always safe. timegm(3) is not used: it is not POSIX, it
  * depends on the width of time_t and it quietly turns Feb 30 into Mar 2. */
 #include "retry_after.h"
+#include "rfc3339.h"
 
 #include <stdbool.h>
 #include <string.h>
@@ -23,28 +24,6 @@ static const char *const weekday[7] = {"Monday", "Tuesday",  "Wednesday", "Thurs
 static const char *const month[12] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun",
                                       "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
 
-static bool is_leap(int64_t y)
-{
-    return (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
-}
-
-static int days_in_month(int64_t y, int m)
-{
-    static const int dim[12] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
-    return m == 2 && is_leap(y) ? 29 : dim[m - 1];
-}
-
-/* Days since 1970-01-01 of y-m-d (H. Hinnant's days_from_civil, exact for
- * every proleptic Gregorian date). */
-static int64_t days_from_civil(int64_t y, int m, int d)
-{
-    y -= m <= 2;
-    const int64_t era = (y >= 0 ? y : y - 399) / 400;
-    const int64_t yoe = y - era * 400;
-    const int64_t doy = (153 * (m > 2 ? m - 3 : m + 9) + 2) / 5 + d - 1;
-    const int64_t doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    return era * 146097 + doe - 719468;
-}
 
 /* The year of a day count since 1970-01-01 (the inverse, year only). */
 static int64_t year_from_days(int64_t z)
@@ -128,9 +107,9 @@ static bool time_of_day(cur *c, int64_t *out_s)
 /* Checks the calendar and the weekday, then converts. */
 static bool civil_ms(int64_t y, int mon, int d, int wday, int64_t tod_s, int64_t *out_ms)
 {
-    if (d < 1 || d > days_in_month(y, mon))
+    if (d < 1 || d > jf_days_in_month(y, mon))
         return false;
-    int64_t days = days_from_civil(y, mon, d);
+    int64_t days = jf_days_from_civil(y, mon, d);
     if (weekday_of(days) != wday)
         return false;
     *out_ms = days * MS_PER_DAY + tod_s * 1000;

@@ -16,14 +16,14 @@ static bool is_leap(int64_t y)
     return (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
 }
 
-static int days_in_month(int64_t y, int m)
+int jf_days_in_month(int64_t y, int m)
 {
     static const int dim[12] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
     return m == 2 && is_leap(y) ? 29 : dim[m - 1];
 }
 
 /* Days since 1970-01-01 of y-m-d (m 1..12, d 1..31). */
-static int64_t days_from_civil(int64_t y, int m, int d)
+int64_t jf_days_from_civil(int64_t y, int m, int d)
 {
     y -= m <= 2;
     const int64_t era = (y >= 0 ? y : y - 399) / 400;
@@ -70,7 +70,7 @@ jf_status jf_rfc3339_parse(int64_t *out_ms, const char *s, size_t len)
         return JF_ERR_INVALID;
     const int year = digits(s, 4), mon = digits(s + 5, 2), day = digits(s + 8, 2);
     const int hour = digits(s + 11, 2), min = digits(s + 14, 2), sec = digits(s + 17, 2);
-    if (year < 0 || mon < 1 || mon > 12 || day < 1 || day > days_in_month(year, mon))
+    if (year < 0 || mon < 1 || mon > 12 || day < 1 || day > jf_days_in_month(year, mon))
         return JF_ERR_INVALID;
     /* Second 60 is the leap second RFC 3339 allows; like POSIX time it maps
      * onto the first second of the next minute. Which minutes may really
@@ -112,7 +112,7 @@ jf_status jf_rfc3339_parse(int64_t *out_ms, const char *s, size_t len)
     if (i != len)
         return JF_ERR_INVALID;
 
-    const int64_t secs = days_from_civil(year, mon, day) * 86400 + hour * 3600 + min * 60 + sec -
+    const int64_t secs = jf_days_from_civil(year, mon, day) * 86400 + hour * 3600 + min * 60 + sec -
                          (int64_t)offset_min * 60;
     *out_ms = secs * 1000 + frac_ms;
     return JF_OK;

@@ -15,6 +15,11 @@ jf_status jf_rfc3339_parse(int64_t *out_ms, const char *s, size_t len);
 /* Writes ms as "YYYY-MM-DDTHH:MM:SS.mmmZ" (24 bytes + NUL); returns length. */
 size_t jf_rfc3339_format(char *buf, size_t cap, int64_t ms);
 
+/* Proleptic Gregorian calendar arithmetic (m 1..12, d 1..31), shared with
+ * the HTTP-date parser: days since 1970-01-01, and days in a month. */
+int64_t jf_days_from_civil(int64_t y, int m, int d);
+int jf_days_in_month(int64_t y, int m);
+
 /* Milliseconds since the epoch, CLOCK_REALTIME. */
 int64_t jf_now_ms(void);
 

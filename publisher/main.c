@@ -46,17 +46,7 @@ int64_t jf_pub_mono_ms(void)
 
 const char *jf_pub_nats_error(natsStatus s)
 {
-    natsStatus last = NATS_OK;
-    const char *t = nats_GetLastError(&last);
-    if (t == NULL || *t == '\0' || last != s)
-        return natsStatus_GetText(s);
-    /* Without nats.c's "(js.c:123): " source position. */
-    if (t[0] == '(') {
-        const char *e = strstr(t, "): ");
-        if (e != NULL && e - t < 64)
-            t = e + 3;
-    }
-    return t;
+    return jf_nats_error_text(s);
 }
 
 int jf_pub_usage_error(const char *cmd, const char *fmt, ...)
