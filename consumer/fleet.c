@@ -329,6 +329,9 @@ static void handle_pull_event(jf_fleet *f, event *ev)
     const char *status = NULL;
 
     f->dirty = true;
+    /* Any answer to a pull (a job, a heartbeat, a timeout) shows the
+     * durable is there and bound. */
+    jf_metrics_set_durable(f->metrics, ev->didx, true);
     if (natsMsg_GetDataLength(m) == 0 && natsMsg_GetReply(m) == NULL &&
         natsMsgHeader_Get(m, "Status", &status) == NATS_OK && status != NULL) {
         handle_status(f, d, p, status, m);
@@ -434,6 +437,7 @@ static void on_prepare(uv_prepare_t *h)
         schedule(f);
     }
     maybe_finish_stop(f);
+    jf_metrics_in_flight(f->metrics, f->in_flight);
 }
 
 /* Breakers change state with time alone (open -> half-open): look at each
@@ -455,6 +459,7 @@ static void watch_breakers(jf_fleet *f, int64_t now)
         }
         if (st != JF_BREAKER_OPEN && s->waiting != NULL)
             jf_job_release_waiting(f, s);
+        jf_metrics_breaker(f->metrics, i, st, jf_breaker_trips(s->breaker));
     }
 }
 
@@ -465,6 +470,9 @@ static void on_tick(uv_timer_t *t)
 
     jf_job_tick(f, now);
     watch_breakers(f, now);
+    jf_metrics_set_nats(f->metrics, natsConnection_Status(f->nc) == NATS_CONN_STATUS_CONNECTED);
+    if (f->ledger != NULL)
+        jf_metrics_set_ledger(f->metrics, jf_ledger_available(f->ledger, now));
 
     int64_t silence = f->cfg->consumer.pull_expires_ms + 3000;
     for (int i = 0; i < f->ndurables; i++) {
@@ -477,6 +485,8 @@ static void on_tick(uv_timer_t *t)
             }
             k++;
         }
+        if (d->silent >= 2)
+            jf_metrics_set_durable(f->metrics, d->idx, false);
         if (d->silent >= 2 && !d->reprovisioning && !f->stopping) {
             /* No answer at all, not even a timeout: the durable or the
              * stream is likely gone. Check (and re-create) it. */
@@ -528,6 +538,7 @@ static void on_signal(uv_signal_t *h, int signum)
         return;
     }
     f->stopping = true;
+    jf_metrics_set_running(f->metrics, false);
     jf_log(JF_LOG_INFO, "shutting down", JF_S("signal", signum == SIGTERM ? "SIGTERM" : "SIGINT"),
            JF_I("in_flight", f->in_flight), JF_I("grace_ms", f->cfg->consumer.shutdown_grace_ms));
     uv_timer_start(&f->grace, on_grace, (uint64_t)f->cfg->consumer.shutdown_grace_ms, 0);
@@ -553,6 +564,7 @@ jf_status jf_fleet_create(jf_fleet **out, const jf_fleet_options *opts, jf_error
     }
     f->cfg = cfg;
     f->provision = opts->provision;
+    f->stop_requested = opts->stop_requested;
     f->jobs.next = f->jobs.prev = &f->jobs;
     pthread_mutex_init(&f->mu, NULL);
     jf_rng_seed(&f->rng);
@@ -585,6 +597,18 @@ jf_status jf_fleet_create(jf_fleet **out, const jf_fleet_options *opts, jf_error
         jf_error_set(err, "no services to serve: add a [service.NAME] section to the config");
         st = JF_ERR_INVALID;
         goto fail;
+    }
+    /* Listening first: /healthz answers (and /readyz says "starting") while
+     * the connection and provisioning below may take a while. */
+    if (cfg->consumer.metrics_listen != NULL) {
+        const char *names[JF_MAX_SERVICES];
+        for (int i = 0; i < f->nservices; i++)
+            names[i] = f->services[i].cfg->name;
+        st = jf_metrics_create(&f->metrics, cfg->consumer.metrics_listen, names, f->nservices,
+                               cfg->consumer.max_in_flight,
+                               cfg->postgres_dsn != NULL && cfg->postgres_dsn[0] != '\0', err);
+        if (st != JF_OK)
+            goto fail;
     }
 
     if (uv_loop_init(&f->loop) != 0) {
@@ -726,7 +750,16 @@ jf_status jf_fleet_run(jf_fleet *f, jf_error *err)
     f->sigint.data = f;
     uv_signal_start(&f->sigint, on_signal, SIGINT);
     f->ready = true;
+    jf_metrics_set_nats(f->metrics, natsConnection_Status(f->nc) == NATS_CONN_STATUS_CONNECTED);
+    if (f->ledger != NULL)
+        jf_metrics_set_ledger(f->metrics, jf_ledger_available(f->ledger, now_ms()));
+    jf_metrics_set_running(f->metrics, true);
 
+    if (f->stop_requested != NULL && *f->stop_requested) {
+        /* SIGTERM came while starting: nothing is in flight, just stop. */
+        jf_log0(JF_LOG_INFO, "stop requested during start-up");
+        stop_loop(f);
+    }
     schedule(f);
     jf_log(JF_LOG_INFO, "consumer ready", JF_I("services", f->nservices),
            JF_I("durables", f->ndurables), JF_I("max_in_flight", cfg->consumer.max_in_flight),
@@ -756,6 +789,10 @@ void jf_fleet_destroy(jf_fleet *f)
 {
     if (f == NULL)
         return;
+    /* The metrics server reads only its own atomics; stop it first all the
+     * same, so nothing answers for a fleet being torn down. */
+    jf_metrics_destroy(f->metrics);
+    f->metrics = NULL;
     if (f->ready) {
         uv_handle_t *hs[] = {(uv_handle_t *)&f->async, (uv_handle_t *)&f->prepare,
                              (uv_handle_t *)&f->tick,  (uv_handle_t *)&f->stats,

@@ -5,6 +5,7 @@
 #define JF_FLEET_H
 
 #include <nats/nats.h>
+#include <signal.h>
 #include <stdbool.h>
 
 #include "config.h"
@@ -16,6 +17,9 @@ typedef struct jf_fleet_options {
     const jf_config *cfg;           /* borrowed; outlives the fleet */
     const char *const *services;    /* NULL-terminated names to serve; NULL = all */
     bool provision;                 /* create missing streams and durables */
+    /* Set by a signal that arrived during start-up (before the loop owns
+     * SIGTERM/SIGINT): the fleet then stops as soon as it runs. */
+    volatile sig_atomic_t *stop_requested;
 } jf_fleet_options;
 
 /* Connects, provisions (or verifies), creates handlers. */

@@ -20,6 +20,7 @@
 #include "handler.h"
 #include "ledger.h"
 #include "limits.h"
+#include "metrics.h"
 
 #define MAX_PULLS 16
 
@@ -127,11 +128,13 @@ typedef struct evqueue {
 struct jf_fleet {
     const jf_config *cfg;
     bool provision;
+    volatile sig_atomic_t *stop_requested;
     natsConnection *nc;
     jsCtx *js;
     int64_t max_payload;
     jf_ledger *ledger; /* NULL: no ledger configured */
     jf_limits *limits; /* NULL: no fleet-wide limits configured */
+    jf_metrics *metrics; /* NULL: [consumer] metrics_listen unset */
     char process_id[128];
 
     uv_loop_t loop;

@@ -38,18 +38,44 @@ static int64_t now_ms(void)
     return jf_now_ms();
 }
 
+/* jetfleet_jobs_total for the durable's service and priority (known even
+ * when the envelope is not). */
+static void count(const jf_job *job, jf_metrics_outcome o)
+{
+    jf_metrics_job(job->f->metrics, job->d->idx / JF_PRIO_COUNT, job->d->prio, o);
+}
+
 static void advance(jf_job *job);
 static void ask_rate(jf_job *job);
 static void dead_letter(jf_job *job, jf_dl_reason reason, const char *error);
 
 /* ---- acks ------------------------------------------------------------ */
 
+/* The stream sequence in an ack subject: $JS.ACK.<stream>.<consumer>.
+ * <delivered>.<sseq>.… (9 tokens) or with domain and account hash in front
+ * (11 or 12); 0 when it is neither. */
+static uint64_t ack_seq(const char *reply)
+{
+    const char *tok[12];
+    int n = 0;
+    for (const char *p = reply; p != NULL; n++) {
+        if (n < 12)
+            tok[n] = p;
+        p = strchr(p, '.');
+        p = p ? p + 1 : NULL;
+    }
+    int at = n == 9 ? 5 : (n == 11 || n == 12) ? 7 : -1;
+    return at < 0 ? 0 : strtoull(tok[at], NULL, 10);
+}
+
 static void publish_ack(jf_fleet *f, const char *reply, const char *body)
 {
     natsStatus s = natsConnection_PublishString(f->nc, reply, body);
+    /* Only the ack subject is known here (jf_job_nak serves stray messages
+     * too): its stream sequence names the job's message. */
     if (s != NATS_OK)
         jf_log(JF_LOG_WARN, "ack not sent; the server will redeliver", JF_S("ack", body),
-               JF_S("error", natsStatus_GetText(s)));
+               JF_I("seq", ack_seq(reply)), JF_S("error", natsStatus_GetText(s)));
 }
 
 void jf_job_nak(jf_fleet *f, const char *reply, int64_t delay_ms)
@@ -221,6 +247,7 @@ static void dead_done(jf_job *job)
 {
     jf_fleet *f = job->f;
     f->dead++;
+    jf_metrics_dead_letter(f->metrics, job->d->idx / JF_PRIO_COUNT, job->d->prio, job->dl_reason);
     jf_log(JF_LOG_WARN, "dead-lettered", JF_S("reason", jf_dl_reason_name(job->dl_reason)),
            JF_S("job_id", job->env ? job->env->id : NULL), JF_S("service", job->d->svc->cfg->name),
            JF_S("subject", natsMsg_GetSubject(job->msg)), JF_I("seq", job->seq),
@@ -310,6 +337,7 @@ static void retry_now(jf_job *job)
                                      job->retry_after_ms, &f->rng);
     jf_job_nak(f, job->reply, delay);
     f->retried++;
+    count(job, JF_MO_RETRIED);
     jf_log(JF_LOG_INFO, "job failed; retrying", JF_S("job_id", job->env->id),
            JF_S("service", svc->name), JF_S("subject", natsMsg_GetSubject(job->msg)),
            JF_I("seq", job->seq), JF_I("attempt", job->attempt), JF_I("delay_ms", delay),
@@ -333,6 +361,7 @@ static void on_outcome_recorded(void *arg, jf_status st, const char *error)
         if (job->outcome == JF_OUTCOME_OK) {
             if (st == JF_OK) {
                 job->f->acked++;
+                count(job, JF_MO_SUCCEEDED);
                 ack(job);
             } else {
                 /* Not durable yet: no ack. Try again while holding it. */
@@ -372,6 +401,7 @@ void jf_job_finish(jf_job *job, const jf_job_result *r)
         return; /* cancelled or already settled: the handler broke its contract */
     }
     int64_t now = now_ms();
+    jf_metrics_handler_time(f->metrics, job->d->idx / JF_PRIO_COUNT, now - job->call_started_ms);
     if (job->has_permit) {
         job->has_permit = false;
         jf_breaker_record(s->breaker, now, r->service_fault, now - job->call_started_ms);
@@ -389,6 +419,7 @@ void jf_job_finish(jf_job *job, const jf_job_result *r)
             return;
         }
         f->acked++;
+        count(job, JF_MO_SUCCEEDED);
         if (jf_log_enabled(JF_LOG_DEBUG))
             log_job(JF_LOG_DEBUG, "job done", job, "outcome", "ok");
         ack(job);
@@ -480,6 +511,7 @@ static void on_begun(void *arg, jf_status st, jf_ledger_status prior, int attemp
         release_inflight(job);
         jf_job_nak(job->f, job->reply, 1000 + jf_rng_between0(&job->f->rng, 1000));
         job->f->deferred++;
+        count(job, JF_MO_DEFERRED);
         finish(job);
         return;
     }
@@ -487,6 +519,7 @@ static void on_begun(void *arg, jf_status st, jf_ledger_status prior, int attemp
         /* Settled before (a crash came between ledger and ack): no second
          * call, no second dead letter. */
         job->f->skipped++;
+        count(job, JF_MO_SKIPPED);
         log_job(JF_LOG_INFO, "already settled in the ledger; acknowledging without a call", job,
                 "status", jf_ledger_status_name(prior));
         drop_permit(job);
@@ -516,6 +549,7 @@ static void hold_for_breaker(jf_job *job)
         int64_t until = jf_breaker_open_until(s->breaker) - now_ms();
         jf_job_nak(f, job->reply, (until > 0 ? until : 0) + jf_rng_between0(&f->rng, 1000));
         f->deferred++;
+        count(job, JF_MO_DEFERRED);
         finish(job);
         return;
     }
@@ -543,6 +577,11 @@ static void claim(jf_job *job)
     if (f->ledger != NULL) {
         jf_ledger_job lj;
         ledger_job(job, &lj);
+        /* A replayed or re-driven message: the ledger resets a settled row
+         * once for it instead of acknowledging it without a call. */
+        const char *hv = NULL;
+        lj.replay = natsMsgHeader_Get(job->msg, "Jetfleet-Replay-Of-Seq", &hv) == NATS_OK ||
+                    natsMsgHeader_Get(job->msg, "Jetfleet-Redrive-Of", &hv) == NATS_OK;
         job->state = JS_BEGIN;
         job->refs++;
         jf_ledger_begin(f->ledger, &lj, on_begun, job);
@@ -573,6 +612,7 @@ static void on_rate_slot(void *arg, int64_t slot_ms)
     unref(job);
     int64_t wait = slot_ms - now_ms();
     if (wait > 0) {
+        jf_metrics_rate_wait(job->f->metrics, job->d->idx / JF_PRIO_COUNT);
         job->state = JS_WAIT_SLOT;
         start_timer(job, wait, on_slot_time);
         return;
@@ -664,6 +704,8 @@ void jf_job_start(jf_fleet *f, durable *d, natsMsg *m)
     job->reply = natsMsg_GetReply(m);
     job->seq = meta->Sequence.Stream;
     job->delivered = meta->NumDelivered;
+    if (job->delivered > 1)
+        jf_metrics_redelivery(f->metrics, d->idx / JF_PRIO_COUNT, d->prio);
     d->backlog = (int64_t)meta->NumPending;
     d->busy = d->backlog > 0;
     snprintf(job->stream, sizeof job->stream, "%s", meta->Stream ? meta->Stream : "");

@@ -12,6 +12,16 @@
 
 #define MAX_SERVICE_ARGS JF_MAX_SERVICES
 
+/* Until the event loop takes SIGTERM/SIGINT over, a signal only asks the
+ * fleet to stop once it runs (connecting and provisioning can take seconds). */
+static volatile sig_atomic_t early_stop;
+
+static void on_early_signal(int signum)
+{
+    (void)signum;
+    early_stop = 1;
+}
+
 static const char usage[] =
     "Usage: jetfleet-consumer [OPTIONS]\n"
     "\n"
@@ -105,6 +115,12 @@ int main(int argc, char **argv)
         jf_log_set_level(lvl);
     }
     signal(SIGPIPE, SIG_IGN);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_early_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
     /* Every in-flight HTTP call holds a socket: a thousand slow calls do not
      * fit the usual soft limit of 1024 descriptors. */
     struct rlimit rl;
@@ -118,6 +134,7 @@ int main(int argc, char **argv)
         .cfg = cfg,
         .services = nservices > 0 ? services : NULL,
         .provision = provision,
+        .stop_requested = &early_stop,
     };
     jf_status st = jf_fleet_create(&fleet, &opts, &err);
     int rc = 0;

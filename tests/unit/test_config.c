@@ -851,6 +851,53 @@ static void test_downstream_keys(void **state)
     assert_msg_has(m, "t.ini:4: [service.a] burst");
 }
 
+/* [intake] (jetfleet-publisher serve) and [consumer] metrics_listen. */
+static void test_intake_and_metrics_keys(void **state)
+{
+    (void)state;
+    jf_config *c = load_ok("");
+    assert_string_equal(c->intake.listen, "127.0.0.1:8080");
+    assert_null(c->intake.token);
+    assert_null(c->intake.token_file);
+    assert_int_equal(c->intake.max_body, 1 << 20);
+    assert_int_equal(c->intake.max_jobs, 1000);
+    assert_null(c->consumer.metrics_listen);
+    jf_config_destroy(c);
+
+    c = load_ok("[intake]\nlisten = 0.0.0.0:9000\ntoken = s3cret\nmax_body = 4096\n"
+                "max_jobs = 10\n[consumer]\nmetrics_listen = 127.0.0.1:9464\n");
+    assert_string_equal(c->intake.listen, "0.0.0.0:9000");
+    assert_string_equal(c->intake.token, "s3cret");
+    assert_int_equal(c->intake.max_body, 4096);
+    assert_int_equal(c->intake.max_jobs, 10);
+    assert_string_equal(c->consumer.metrics_listen, "127.0.0.1:9464");
+    jf_config_destroy(c);
+
+    setenv("JETFLEET_INTAKE_TOKEN_FILE", "/run/secrets/intake", 1);
+    setenv("JETFLEET_CONSUMER_METRICS_LISTEN", "127.0.0.1:9100", 1);
+    c = load_ok("");
+    assert_string_equal(c->intake.token_file, "/run/secrets/intake");
+    assert_string_equal(c->consumer.metrics_listen, "127.0.0.1:9100");
+    jf_config_destroy(c);
+
+    /* Both sources of the token: ambiguous, refused, and the token is not quoted. */
+    const char *m = load_fail("[intake]\ntoken = hunter2\n", JF_ERR_INVALID);
+    assert_msg_has(m, "environment JETFLEET_INTAKE_TOKEN_FILE: [intake] token_file and [intake] "
+                      "token (t.ini:2) are both set");
+    assert_msg_lacks(m, "hunter2");
+    unsetenv("JETFLEET_INTAKE_TOKEN_FILE");
+    unsetenv("JETFLEET_CONSUMER_METRICS_LISTEN");
+
+    m = load_fail("[intake]\nmax_body = 0\n", JF_ERR_INVALID);
+    assert_msg_has(m, "t.ini:2: [intake] max_body: expected an integer from 1");
+    m = load_fail("[intake]\nmax_jobs = many\n", JF_ERR_INVALID);
+    assert_msg_has(m, "t.ini:2: [intake] max_jobs");
+    m = load_fail("[intake]\nlisten =\n", JF_ERR_INVALID);
+    assert_msg_has(m, "t.ini:2: [intake] listen: must not be empty");
+    m = load_fail("[intake]\ntoken = a\tb\n", JF_ERR_INVALID);
+    assert_msg_has(m, "[intake] token: must not contain control characters");
+}
+
 #define T(f) cmocka_unit_test_setup(f, clear_env)
 
 int main(void)
@@ -870,6 +917,7 @@ int main(void)
         T(test_service_rules),
         T(test_secrets_never_printed),
         T(test_downstream_keys),
+        T(test_intake_and_metrics_keys),
         cmocka_unit_test_setup_teardown(test_files, clear_env, files_teardown),
         T(test_example_file),
     };
