@@ -9,7 +9,10 @@
  * that could race with another process: an upsert's row has xmax = 0 only
  * when it was inserted, and when it was updated its status after the update
  * equals its status before (a final status is kept; anything else was, and
- * stays, 'running'). A final row is left exactly as it was.
+ * stays, 'running'). A final row is left exactly as it was — except by the
+ * first delivery of a replayed or re-driven message ($7, keyed on the
+ * message's stream_seq so that its redeliveries are plain attempts), which
+ * resets the row to running and reports running: the job is run again.
  *
  * finish never touches a succeeded row (the WHERE of DO UPDATE); it inserts
  * the row of a job dead-lettered before any call (attempts 0). */
@@ -36,18 +39,31 @@
 #define STMT_BEGIN  "jf_ledger_begin"
 #define STMT_FINISH "jf_ledger_finish"
 
+/* R below is "$7 AND j.stream_seq IS DISTINCT FROM EXCLUDED.stream_seq":
+ * this delivery is the first of a replayed or re-driven message. SET's
+ * right-hand sides all read the row as it was before the update. */
+#define SQL_REPLAY_RESET "($7::boolean AND j.stream_seq IS DISTINCT FROM EXCLUDED.stream_seq)"
+
 static const char SQL_BEGIN[] =
     "INSERT INTO jetfleet_jobs AS j (job_id, service, priority, type, tenant, status, attempts,"
-    " stream_seq)"
+    " stream_seq, replays, replayed_at)"
     " VALUES ($1::text, $2::text, coalesce($3::text, 'normal'), $4::text, $5::text, 'running', 1,"
-    " $6::bigint)"
+    " $6::bigint, CASE WHEN $7::boolean THEN 1 ELSE 0 END, CASE WHEN $7::boolean THEN now() END)"
     " ON CONFLICT (job_id) DO UPDATE SET"
-    "  attempts = CASE WHEN j.status IN ('succeeded', 'dead') THEN j.attempts"
+    "  attempts = CASE WHEN " SQL_REPLAY_RESET " THEN 1"
+    "                  WHEN j.status IN ('succeeded', 'dead') THEN j.attempts"
     "                  ELSE j.attempts + 1 END,"
-    "  status = CASE WHEN j.status IN ('succeeded', 'dead') THEN j.status ELSE 'running' END,"
-    "  stream_seq = CASE WHEN j.status IN ('succeeded', 'dead') THEN j.stream_seq"
+    "  replays = CASE WHEN " SQL_REPLAY_RESET " THEN j.replays + 1 ELSE j.replays END,"
+    "  replayed_at = CASE WHEN " SQL_REPLAY_RESET " THEN now() ELSE j.replayed_at END,"
+    "  error = CASE WHEN " SQL_REPLAY_RESET " THEN NULL ELSE j.error END,"
+    "  finished_at = CASE WHEN " SQL_REPLAY_RESET " THEN NULL ELSE j.finished_at END,"
+    "  status = CASE WHEN " SQL_REPLAY_RESET " THEN 'running'"
+    "                WHEN j.status IN ('succeeded', 'dead') THEN j.status ELSE 'running' END,"
+    "  stream_seq = CASE WHEN " SQL_REPLAY_RESET " THEN EXCLUDED.stream_seq"
+    "                    WHEN j.status IN ('succeeded', 'dead') THEN j.stream_seq"
     "                    ELSE EXCLUDED.stream_seq END,"
-    "  updated_at = CASE WHEN j.status IN ('succeeded', 'dead') THEN j.updated_at ELSE now() END"
+    "  updated_at = CASE WHEN " SQL_REPLAY_RESET " OR j.status NOT IN ('succeeded', 'dead')"
+    "                    THEN now() ELSE j.updated_at END"
     " RETURNING (j.xmax = 0) AS inserted, j.status, j.attempts";
 
 static const char SQL_FINISH[] =
@@ -505,8 +521,9 @@ void jf_ledger_begin(jf_ledger *l, const jf_ledger_job *job, jf_ledger_begin_cb 
     q->begin_cb = cb;
     char seq[24];
     snprintf(seq, sizeof seq, "%" PRIu64, job->stream_seq);
-    const char *params[] = {job->job_id, job->service, job->priority, job->type, job->tenant, seq};
-    jf_pgpool_exec(l->pool, STMT_BEGIN, NULL, 6, params, NULL, on_begin, q);
+    const char *params[] = {job->job_id, job->service, job->priority, job->type,
+                            job->tenant, seq, job->replay ? "true" : "false"};
+    jf_pgpool_exec(l->pool, STMT_BEGIN, NULL, 7, params, NULL, on_begin, q);
 }
 
 /* An error as the ledger stores it: valid UTF-8 (a byte that is not becomes

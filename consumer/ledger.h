@@ -36,6 +36,9 @@ typedef struct jf_ledger_job {
     const char *type;
     const char *tenant;  /* may be NULL */
     uint64_t stream_seq;
+    /* The delivery is a reprocessing the operator asked for (a message with
+     * Jetfleet-Replay-Of-Seq or Jetfleet-Redrive-Of): read by begin only. */
+    bool replay;
 } jf_ledger_job;
 
 /* Connects (blocking, at start-up only), applies the migrations of
@@ -50,8 +53,14 @@ bool jf_ledger_available(jf_ledger *l, int64_t now_ms);
 
 /* Before a real call: insert the row as running with attempts = 1, or on
  * conflict increment attempts — unless the row is already succeeded or dead,
- * which is left as it is. prior is the status before this call, attempts
- * the real attempts now recorded (this one included when counted). */
+ * which is left as it is. With job->replay, a row whose stream_seq differs
+ * from job->stream_seq (the first delivery of this replayed or re-driven
+ * message) is reset instead, whatever its status: running, attempts = 1,
+ * replays + 1, replayed_at = now(), error and finished_at cleared; a
+ * redelivery of the same message then counts as an attempt, never as a
+ * second replay. prior is the status before this call (RUNNING after a
+ * reset, so the job is run), attempts the real attempts now recorded (this
+ * one included when counted). */
 typedef void (*jf_ledger_begin_cb)(void *arg, jf_status st, jf_ledger_status prior, int attempts,
                                    const char *error);
 void jf_ledger_begin(jf_ledger *l, const jf_ledger_job *job, jf_ledger_begin_cb cb, void *arg);
