@@ -521,8 +521,13 @@ void jf_ledger_begin(jf_ledger *l, const jf_ledger_job *job, jf_ledger_begin_cb 
     q->begin_cb = cb;
     char seq[24];
     snprintf(seq, sizeof seq, "%" PRIu64, job->stream_seq);
-    const char *params[] = {job->job_id, job->service, job->priority, job->type,
-                            job->tenant, seq, job->replay ? "true" : "false"};
+    const char *params[] = {job->job_id,
+                            job->service,
+                            job->priority,
+                            job->type,
+                            job->tenant,
+                            seq,
+                            job->replay ? "true" : "false"};
     jf_pgpool_exec(l->pool, STMT_BEGIN, NULL, 7, params, NULL, on_begin, q);
 }
 

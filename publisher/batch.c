@@ -15,7 +15,9 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "duration.h"
 #include "envelope.h"
+#include "ops.h"
 #include "publisher.h"
 
 #define FAILURES_LOGGED 10 /* individual "publish failed" lines before going quiet */
@@ -23,7 +25,7 @@
 static void usage(FILE *out)
 {
     fprintf(out,
-            "Usage: %s [GLOBAL OPTIONS] batch FILE|-\n"
+            "Usage: %s [GLOBAL OPTIONS] batch [--wait [--timeout D]] FILE|-\n"
             "\n"
             "Publishes NDJSON job envelopes, one per line, each on\n"
             "jobs.<service>.<priority>.<type> of its envelope (priority default normal),\n"
@@ -38,8 +40,20 @@ static void usage(FILE *out)
             "same file again is safe and stores only what is missing.\n"
             "Exit status 1 when any line was invalid or failed.\n"
             "\n"
+            "With --wait it then waits until every job of the batch is finished, with a\n"
+            "progress bar on a terminal, and prints a second JSON line:\n"
+            "  {\"succeeded\":N,\"dead\":N,\"unfinished\":N,\"seconds\":S,\"rate\":R}\n"
+            "(seconds since the batch began; rate = finished jobs a second). Finished means:\n"
+            "with [postgres] dsn, the job's ledger row is succeeded or dead; without a\n"
+            "ledger, the durable of its service and priority acknowledged it (its ack floor\n"
+            "reached the job's sequence; a job is acknowledged only after its outcome,\n"
+            "dead letter included, is stored), and it is dead when JOBS_DLQ holds a dead\n"
+            "letter of its sequence. Exit status 1 on --timeout or interruption.\n"
+            "\n"
             "Options:\n"
-            "  -h, --help    show this help and exit\n",
+            "      --wait        wait for the jobs to finish (see above)\n"
+            "      --timeout D   stop waiting after D (e.g. 10m; default: no limit)\n"
+            "  -h, --help        show this help and exit\n",
             JF_PUBLISHER_PROG);
 }
 
@@ -167,6 +181,7 @@ typedef struct batch_stats {
     pthread_mutex_t mu;
     const char *stream; /* the stream every job must land in */
     unsigned long long published, duplicates, failed, logged_failures;
+    jf_wait_set *wait; /* --wait: every stored job, for the wait after publishing */
 } batch_stats;
 
 static void log_failure(batch_stats *b, natsMsg *msg, const char *why)
@@ -195,6 +210,9 @@ static void on_ack(jsCtx *js, natsMsg *msg, jsPubAck *pa, jsPubAckErr *pae, void
             b->duplicates++;
         else
             b->published++;
+        const char *id = NULL;
+        if (b->wait != NULL && natsMsgHeader_Get(msg, "Nats-Msg-Id", &id) == NATS_OK)
+            jf_wait_set_add(b->wait, id, natsMsg_GetSubject(msg), pa->Sequence);
     } else {
         b->failed++;
         if (pa != NULL) {
@@ -285,10 +303,16 @@ static bool publish_line(jsCtx *js, jsPubOptions *po, const char *subject, const
 
 int jf_cmd_batch(int argc, char **argv, const jf_pub_globals *g)
 {
+    enum { O_WAIT = 256, O_TIMEOUT };
     static const struct option longopts[] = {
+        {"wait", no_argument, NULL, O_WAIT},
+        {"timeout", required_argument, NULL, O_TIMEOUT},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
+    bool wait = false;
+    int64_t wait_timeout_ms = 0;
+    jf_error werr = {{0}};
     jf_pub_session sess = {0};
     batch_stats b = {.mu = PTHREAD_MUTEX_INITIALIZER};
     line_reader r = {0};
@@ -300,13 +324,24 @@ int jf_cmd_batch(int argc, char **argv, const jf_pub_globals *g)
     opterr = 0;
     while ((c = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
         switch (c) {
+        case O_WAIT:
+            wait = true;
+            break;
+        case O_TIMEOUT:
+            if (jf_duration_parse(&wait_timeout_ms, optarg, &werr) != JF_OK)
+                return jf_pub_usage_error("batch", "--timeout: %s", werr.msg);
+            break;
         case 'h':
             usage(stdout);
             return JF_EXIT_OK;
+        case ':':
+            return jf_pub_usage_error("batch", "option %s needs a value", argv[optind - 1]);
         default:
             return jf_pub_usage_error("batch", "unknown option %s", argv[optind - 1]);
         }
     }
+    if (wait_timeout_ms > 0 && !wait)
+        return jf_pub_usage_error("batch", "--timeout applies to --wait only");
     if (optind >= argc)
         return jf_pub_usage_error("batch", "missing FILE (or - for stdin)");
     if (argc - optind > 1)
@@ -320,6 +355,11 @@ int jf_cmd_batch(int argc, char **argv, const jf_pub_globals *g)
 
     if ((rc = jf_pub_session_load(&sess, g)) != JF_EXIT_OK)
         goto out;
+    if (wait && jf_wait_set_create(&b.wait, &werr) != JF_OK) {
+        jf_log(JF_LOG_ERROR, "out of memory", JF_S("error", werr.msg));
+        rc = JF_EXIT_FAIL;
+        goto out;
+    }
     const jf_config *cfg = sess.cfg;
     int64_t timeout = cfg->publisher.timeout_ms > 0 ? cfg->publisher.timeout_ms : 5000;
     b.stream = cfg->stream.name;
@@ -427,10 +467,21 @@ int jf_cmd_batch(int argc, char **argv, const jf_pub_globals *g)
            "\"seconds\":%.3f}\n",
            cnt[0], cnt[1], invalid, failed, secs);
     rc = (invalid > 0 || failed > 0 || aborted || jf_pub_interrupted()) ? JF_EXIT_FAIL : JF_EXIT_OK;
+    if (wait && stuck > 0) {
+        jf_log(JF_LOG_ERROR, "not waiting: some publishes are still unacknowledged",
+               JF_I("count", stuck));
+    } else if (wait && !aborted && !jf_pub_interrupted()) {
+        /* Every PubAck is in (or counted failed): the set no longer changes. */
+        fflush(stdout);
+        int wrc = jf_batch_wait(&sess, b.wait, wait_timeout_ms, pg.start_ms);
+        if (rc == JF_EXIT_OK)
+            rc = wrc;
+    }
 
 out:
     /* Closing the connection ends nats.c's reply thread before b goes away. */
     jf_pub_session_close(&sess);
+    jf_wait_set_destroy(b.wait);
     reader_free(&r);
     if (fd > STDIN_FILENO)
         close(fd);

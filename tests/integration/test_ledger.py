@@ -485,9 +485,10 @@ class TestLedger(PostgresTestCase):
             wait_for(lambda p=p: log_msgs(p, "consumer ready"), 60, "%s ready" % p.jf_name,
                      procs=procs)
         applied = [l for p in procs for l in log_msgs(p, "ledger migration applied")]
-        self.assertEqual([l.get("version") for l in applied], ["001_jetfleet_jobs"])
-        self.assertEqual(self.pg.query("SELECT version FROM jetfleet_migrations"),
-                         [["001_jetfleet_jobs"]])
+        self.assertEqual([l.get("version") for l in applied],
+                         ["001_jetfleet_jobs", "002_replays"])
+        self.assertEqual(self.pg.query("SELECT version FROM jetfleet_migrations ORDER BY 1"),
+                         [["001_jetfleet_jobs"], ["002_replays"]])
         indexes = sorted(r[0] for r in self.pg.query(
             "SELECT indexname FROM pg_indexes WHERE tablename = 'jetfleet_jobs'"))
         self.assertEqual(indexes, ["jetfleet_jobs_pkey", "jetfleet_jobs_service_status",
@@ -497,7 +498,7 @@ class TestLedger(PostgresTestCase):
         # A restart finds everything in place and applies nothing.
         proc = self.progs.start_consumer(cfg, name="again")
         self.assertEqual(log_msgs(proc, "ledger migration applied"), [])
-        self.assertEqual(int(self.pg.scalar("SELECT count(*) FROM jetfleet_migrations")), 1)
+        self.assertEqual(int(self.pg.scalar("SELECT count(*) FROM jetfleet_migrations")), 2)
         self.stop_consumer(proc)
 
     def test_ledger_unreachable_at_start_is_an_error(self):
