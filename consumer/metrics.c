@@ -4,6 +4,7 @@
  * The server is libmicrohttpd with one internal thread (epoll where there
  * is one): a scrape only reads atomics and formats text, so nothing ever
  * blocks it, and one thread is all it needs. */
+#include "listen.h"
 #include "metrics.h"
 
 #include <arpa/inet.h>
@@ -381,28 +382,6 @@ __attribute__((format(printf, 2, 0))) static void on_mhd_log(void *cls, const ch
     jf_log(JF_LOG_WARN, "metrics server", JF_S("error", msg));
 }
 
-static bool listen_parse(struct sockaddr_in *out, const char *s)
-{
-    const char *colon = strrchr(s, ':');
-    char host[INET_ADDRSTRLEN];
-    if (colon == NULL || (size_t)(colon - s) >= sizeof host || colon[1] == '\0')
-        return false;
-    memcpy(host, s, (size_t)(colon - s));
-    host[colon - s] = '\0';
-    if (strcmp(host, "localhost") == 0)
-        snprintf(host, sizeof host, "127.0.0.1");
-    char *end;
-    errno = 0;
-    unsigned long port = strtoul(colon + 1, &end, 10);
-    if (*end != '\0' || errno != 0 || port > 65535 || colon[1] == '-' || colon[1] == '+')
-        return false;
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    if (inet_pton(AF_INET, host, &a.sin_addr) != 1)
-        return false;
-    *out = a;
-    return true;
-}
-
 /* ---- life cycle ------------------------------------------------------------ */
 
 jf_status jf_metrics_create(jf_metrics **out, const char *listen_addr, const char *const *services,
@@ -412,7 +391,7 @@ jf_status jf_metrics_create(jf_metrics **out, const char *listen_addr, const cha
     int fd = -1;
     jf_status st = JF_ERR_NOMEM;
 
-    if (!listen_parse(&addr, listen_addr)) {
+    if (!jf_listen_parse(&addr, listen_addr)) {
         jf_error_set(err, "[consumer] metrics_listen: '%s' is not an IPv4 HOST:PORT", listen_addr);
         return JF_ERR_INVALID;
     }

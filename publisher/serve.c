@@ -40,6 +40,7 @@
 #include <unistd.h>
 #include <uuid/uuid.h>
 
+#include "listen.h"
 #include "envelope.h"
 #include "publisher.h"
 
@@ -985,28 +986,6 @@ __attribute__((format(printf, 2, 0))) static void on_mhd_log(void *cls, const ch
 /* ------------------------------------------------------------------------- */
 /* Start and stop                                                            */
 
-static bool listen_parse(struct sockaddr_in *out, const char *s)
-{
-    const char *colon = strrchr(s, ':');
-    char host[INET_ADDRSTRLEN];
-    if (colon == NULL || (size_t)(colon - s) >= sizeof host || colon[1] == '\0')
-        return false;
-    memcpy(host, s, (size_t)(colon - s));
-    host[colon - s] = '\0';
-    if (strcmp(host, "localhost") == 0)
-        snprintf(host, sizeof host, "127.0.0.1");
-    char *end;
-    errno = 0;
-    unsigned long port = strtoul(colon + 1, &end, 10);
-    if (*end != '\0' || errno != 0 || port > 65535 || colon[1] == '-' || colon[1] == '+')
-        return false;
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    if (inet_pton(AF_INET, host, &a.sin_addr) != 1)
-        return false;
-    *out = a;
-    return true;
-}
-
 /* Our own socket: a port in use is reported as such, and port 0 resolves
  * to the port the kernel chose. */
 static int open_listener(const struct sockaddr_in *addr, uint16_t *port)
@@ -1062,13 +1041,13 @@ int jf_cmd_serve(int argc, char **argv, const jf_pub_globals *g)
     }
     if (optind < argc)
         return jf_pub_usage_error("serve", "unexpected argument '%s'", argv[optind]);
-    if (listen_arg != NULL && !listen_parse(&addr, listen_arg))
+    if (listen_arg != NULL && !jf_listen_parse(&addr, listen_arg))
         return jf_pub_usage_error("serve", "--listen: '%s' is not an IPv4 HOST:PORT", listen_arg);
 
     if ((rc = jf_pub_session_load(&sess, g)) != JF_EXIT_OK)
         goto out;
     const jf_config *cfg = sess.cfg;
-    if (listen_arg == NULL && !listen_parse(&addr, cfg->intake.listen)) {
+    if (listen_arg == NULL && !jf_listen_parse(&addr, cfg->intake.listen)) {
         rc = jf_pub_usage_error("serve", "[intake] listen: '%s' is not an IPv4 HOST:PORT",
                                 cfg->intake.listen);
         goto out;

@@ -227,7 +227,7 @@ class TestStartAndOptions(MockTestCase):
     def test_bad_options_exit_2_naming_the_option(self):
         cases = [
             ([], "--listen"),
-            (["--listen", "localhost:80"], "--listen"),
+            (["--listen", "example.invalid:80"], "--listen"),
             (["--listen", "127.0.0.1:70000"], "--listen"),
             (["--listen", "127.0.0.1:0", "--latency", "fast"], "--latency"),
             (["--listen", "127.0.0.1:0", "--latency", "2s-1s"], "--latency"),

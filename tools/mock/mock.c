@@ -47,6 +47,7 @@
 #include <jansson.h>
 #include <microhttpd.h>
 
+#include "listen.h"
 #include "duration.h"
 #include "log.h"
 #include "status.h"
@@ -1342,26 +1343,6 @@ static int usage_error(const char *fmt, ...)
     return EXIT_USAGE;
 }
 
-static bool listen_parse(struct sockaddr_in *out, const char *s)
-{
-    const char *colon = strrchr(s, ':');
-    char host[INET_ADDRSTRLEN];
-    if (colon == NULL || (size_t)(colon - s) >= sizeof host || colon[1] == '\0')
-        return false;
-    memcpy(host, s, (size_t)(colon - s));
-    host[colon - s] = '\0';
-    char *end;
-    errno = 0;
-    unsigned long port = strtoul(colon + 1, &end, 10);
-    if (*end != '\0' || errno != 0 || port > 65535 || colon[1] == '-' || colon[1] == '+')
-        return false;
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    if (inet_pton(AF_INET, host, &a.sin_addr) != 1)
-        return false;
-    *out = a;
-    return true;
-}
-
 /* Returns -1 to go on, or the exit code. */
 static int parse_args(int argc, char **argv, cli *c, mock_options *o)
 {
@@ -1401,7 +1382,7 @@ static int parse_args(int argc, char **argv, cli *c, mock_options *o)
         const char *name = argv[optind - 1];
         switch (ch) {
         case OPT_LISTEN:
-            if (!listen_parse(&c->addr, optarg))
+            if (!jf_listen_parse(&c->addr, optarg))
                 return usage_error("--listen: '%s' is not ADDR:PORT with an IPv4 address and a "
                                    "port from 0 to 65535",
                                    optarg);
