@@ -216,3 +216,30 @@ class PostgresServer:
     def backend_pids(self, application_name="jetfleet-consumer"):
         return [int(r[0]) for r in self.query(
             "SELECT pid FROM pg_stat_activity WHERE application_name = '%s'" % application_name)]
+
+
+class PostgresMixin:
+    """Gives a unittest.TestCase whose setUp makes self.progs (JetfleetTestCase
+    and its subclasses) a PostgreSQL per test as self.pg, its log shown on
+    failure; skips when PostgreSQL is not installed. Put it first among the
+    bases: class T(PostgresMixin, JetfleetTestCase)."""
+
+    def setUp(self):
+        ok, why = available()
+        if not ok:
+            self.skipTest("no PostgreSQL: " + why)
+        super().setUp()
+        self.pg = PostgresServer()
+        self.progs.logs.append(("postgresql", self.pg.log_path))
+        try:
+            self.pg.start()
+        except BaseException:
+            self.pg.cleanup()
+            super().tearDown()
+            raise
+
+    def tearDown(self):
+        try:
+            super().tearDown()
+        finally:
+            self.pg.cleanup()

@@ -80,28 +80,8 @@ END $$;
 """
 
 
-class PostgresTestCase(JetfleetTestCase):
+class PostgresTestCase(pgharness.PostgresMixin, JetfleetTestCase):
     """A nats-server (JetfleetTestCase) and a PostgreSQL per test."""
-
-    def setUp(self):
-        ok, why = pgharness.available()
-        if not ok:
-            self.skipTest("no PostgreSQL: " + why)
-        super().setUp()
-        self.pg = pgharness.PostgresServer()
-        self.progs.logs.append(("postgresql", self.pg.log_path))
-        try:
-            self.pg.start()
-        except BaseException:
-            self.pg.cleanup()
-            super().tearDown()
-            raise
-
-    def tearDown(self):
-        try:
-            super().tearDown()
-        finally:
-            self.pg.cleanup()
 
     # --- config
 

@@ -317,28 +317,8 @@ class TestServe(ServeTestCase):
         self.assertIsNotNone(self.nc.stream_msg_get("JOBS", out["seqs"][0]))
 
 
-class TestServeLedger(ServeTestCase):
+class TestServeLedger(pgharness.PostgresMixin, ServeTestCase):
     """GET /jobs/{id} from the ledger a consumer writes."""
-
-    def setUp(self):
-        ok, why = pgharness.available()
-        if not ok:
-            self.skipTest("no PostgreSQL: " + why)
-        super().setUp()
-        self.pg = pgharness.PostgresServer()
-        self.progs.logs.append(("postgresql", self.pg.log_path))
-        try:
-            self.pg.start()
-        except BaseException:
-            self.pg.cleanup()
-            super().tearDown()
-            raise
-
-    def tearDown(self):
-        try:
-            super().tearDown()
-        finally:
-            self.pg.cleanup()
 
     def test_job_status_from_the_ledger(self):
         cfg = write_config(self.tmp, make_config(
