@@ -398,3 +398,339 @@ void jf_envelope_destroy(jf_envelope *env)
     json_decref(env->root);
     free(env);
 }
+
+/* ---- fast path ----------------------------------------------------------
+ *
+ * jansson builds a tree of the whole message, payload included, at about
+ * 200 instructions a byte; the consumer needs seven top-level strings. The
+ * scanner below checks RFC 8259 in one pass without allocating, for the
+ * common case only: whatever it is not sure jansson accepts — a \u escape,
+ * a number that might not fit, an exponent, a key that repeats or has an
+ * escape, more keys than it tracks, a field rule broken — makes it give up,
+ * and jf_envelope_parse decides (and words the error). So both accept
+ * exactly the same messages, with the same errors. */
+
+#define FAST_KEYS_MAX 128 /* keys of all open objects tracked for duplicates */
+
+typedef struct fspan {
+    const unsigned char *s;
+    size_t n;
+} fspan;
+
+typedef struct fscan {
+    const unsigned char *p, *end;
+    fspan keys[FAST_KEYS_MAX];
+    int nkeys;
+} fscan;
+
+enum { F_NONE = 0, F_STRING, F_OTHER };
+
+typedef struct fmember {
+    const char *name;
+    size_t len;
+    int kind;  /* F_NONE: absent */
+    fspan val; /* F_STRING: the raw bytes, which have no escape */
+} fmember;
+
+static void fs_ws(fscan *s)
+{
+    while (s->p < s->end && (*s->p == ' ' || *s->p == '\t' || *s->p == '\n' || *s->p == '\r'))
+        s->p++;
+}
+
+static bool cont(const unsigned char *p, const unsigned char *end, int n)
+{
+    if (end - p < n)
+        return false;
+    for (int i = 0; i < n; i++)
+        if ((p[i] & 0xC0) != 0x80)
+            return false;
+    return true;
+}
+
+/* At the opening quote. Strict UTF-8 (no overlongs, no surrogates, at
+ * most U+10FFFF), the two-character escapes only. */
+static bool fs_string(fscan *s, fspan *out, bool *escaped)
+{
+    const unsigned char *p = s->p + 1, *end = s->end;
+    *escaped = false;
+    while (p < end) {
+        unsigned char c = *p;
+        if (c == '"') {
+            out->s = s->p + 1;
+            out->n = (size_t)(p - (s->p + 1));
+            s->p = p + 1;
+            return true;
+        }
+        if (c == '\\') {
+            if (p + 1 >= end || strchr("\"\\/bfnrt", p[1]) == NULL || p[1] == '\0')
+                return false;
+            *escaped = true;
+            p += 2;
+        } else if (c < 0x20) {
+            return false;
+        } else if (c < 0x80) {
+            p++;
+        } else if (c >= 0xC2 && c <= 0xDF) {
+            if (!cont(p + 1, end, 1))
+                return false;
+            p += 2;
+        } else if (c >= 0xE0 && c <= 0xEF) {
+            if (!cont(p + 1, end, 2) || (c == 0xE0 && p[1] < 0xA0) || (c == 0xED && p[1] > 0x9F))
+                return false;
+            p += 3;
+        } else if (c >= 0xF0 && c <= 0xF4) {
+            if (!cont(p + 1, end, 3) || (c == 0xF0 && p[1] < 0x90) || (c == 0xF4 && p[1] > 0x8F))
+                return false;
+            p += 4;
+        } else {
+            return false;
+        }
+    }
+    return false;
+}
+
+/* Integers of at most 18 digits fit int64; a fraction without exponent in
+ * at most 24 characters is a finite double. Anything else: give up. */
+static bool fs_number(fscan *s)
+{
+    const unsigned char *p = s->p, *end = s->end, *start = s->p;
+    if (p < end && *p == '-')
+        p++;
+    if (p >= end)
+        return false;
+    const unsigned char *digits = p;
+    if (*p == '0')
+        p++;
+    else if (*p >= '1' && *p <= '9')
+        while (p < end && *p >= '0' && *p <= '9')
+            p++;
+    else
+        return false;
+    size_t int_digits = (size_t)(p - digits);
+    bool frac = false;
+    if (p < end && *p == '.') {
+        p++;
+        const unsigned char *f = p;
+        while (p < end && *p >= '0' && *p <= '9')
+            p++;
+        if (p == f)
+            return false;
+        frac = true;
+    }
+    if (p < end && (*p == 'e' || *p == 'E'))
+        return false;
+    if (frac ? (size_t)(p - start) > 24 : int_digits > 18)
+        return false;
+    s->p = p;
+    return true;
+}
+
+static bool fs_literal(fscan *s, const char *lit, size_t n)
+{
+    if ((size_t)(s->end - s->p) < n || memcmp(s->p, lit, n) != 0)
+        return false;
+    s->p += n;
+    return true;
+}
+
+static bool fs_value(fscan *s, int depth);
+
+/* At '{'. top (not NULL for the envelope itself) collects its members. */
+static bool fs_object(fscan *s, int depth, fmember *top, size_t ntop)
+{
+    if (depth > JF_ENVELOPE_MAX_DEPTH)
+        return false;
+    int first_key = s->nkeys;
+    s->p++;
+    fs_ws(s);
+    if (s->p < s->end && *s->p == '}') {
+        s->p++;
+        return true;
+    }
+    for (;;) {
+        fspan key;
+        bool esc;
+        if (s->p >= s->end || *s->p != '"' || !fs_string(s, &key, &esc) || esc)
+            return false;
+        for (int i = first_key; i < s->nkeys; i++)
+            if (s->keys[i].n == key.n && memcmp(s->keys[i].s, key.s, key.n) == 0)
+                return false; /* a duplicate: jansson words the error */
+        if (s->nkeys == FAST_KEYS_MAX)
+            return false;
+        s->keys[s->nkeys++] = key;
+        fs_ws(s);
+        if (s->p >= s->end || *s->p != ':')
+            return false;
+        s->p++;
+        fs_ws(s);
+        fmember *m = NULL;
+        for (size_t i = 0; top != NULL && i < ntop; i++)
+            if (top[i].len == key.n && memcmp(top[i].name, key.s, key.n) == 0)
+                m = &top[i];
+        if (m != NULL && s->p < s->end && *s->p == '"') {
+            if (!fs_string(s, &m->val, &esc))
+                return false;
+            m->kind = esc ? F_OTHER : F_STRING;
+        } else {
+            if (!fs_value(s, depth))
+                return false;
+            if (m != NULL)
+                m->kind = F_OTHER;
+        }
+        fs_ws(s);
+        if (s->p < s->end && *s->p == ',') {
+            s->p++;
+            fs_ws(s);
+            continue;
+        }
+        if (s->p < s->end && *s->p == '}') {
+            s->p++;
+            s->nkeys = first_key;
+            return true;
+        }
+        return false;
+    }
+}
+
+static bool fs_array(fscan *s, int depth)
+{
+    if (depth > JF_ENVELOPE_MAX_DEPTH)
+        return false;
+    s->p++;
+    fs_ws(s);
+    if (s->p < s->end && *s->p == ']') {
+        s->p++;
+        return true;
+    }
+    for (;;) {
+        if (!fs_value(s, depth))
+            return false;
+        fs_ws(s);
+        if (s->p < s->end && *s->p == ',') {
+            s->p++;
+            fs_ws(s);
+            continue;
+        }
+        if (s->p < s->end && *s->p == ']') {
+            s->p++;
+            return true;
+        }
+        return false;
+    }
+}
+
+static bool fs_value(fscan *s, int depth)
+{
+    if (s->p >= s->end)
+        return false;
+    fspan sp;
+    bool esc;
+    switch (*s->p) {
+    case '{':
+        return fs_object(s, depth + 1, NULL, 0);
+    case '[':
+        return fs_array(s, depth + 1);
+    case '"':
+        return fs_string(s, &sp, &esc);
+    case 't':
+        return fs_literal(s, "true", 4);
+    case 'f':
+        return fs_literal(s, "false", 5);
+    case 'n':
+        return fs_literal(s, "null", 4);
+    default:
+        return fs_number(s);
+    }
+}
+
+enum { M_ID, M_SERVICE, M_TYPE, M_PRIORITY, M_TENANT, M_CREATED, M_DEADLINE, M_PAYLOAD, M_COUNT };
+
+/* The envelope when the fast path is sure; NULL when jansson must decide. */
+static jf_envelope *fast_parse(const void *data, size_t len, const char *subject,
+                               size_t max_payload)
+{
+    static const char *const names[M_COUNT] = {"id",     "service",    "type",     "priority",
+                                               "tenant", "created_at", "deadline", "payload"};
+    fmember m[M_COUNT];
+    for (int i = 0; i < M_COUNT; i++)
+        m[i] = (fmember){.name = names[i], .len = strlen(names[i]), .kind = F_NONE, .val = {NULL, 0}};
+    if (data == NULL || len == 0 || (max_payload > 0 && len > max_payload))
+        return NULL;
+    fscan *s = malloc(sizeof *s);
+    if (s == NULL)
+        return NULL;
+    s->p = data;
+    s->end = s->p + len;
+    s->nkeys = 0;
+    fs_ws(s);
+    bool ok = s->p < s->end && *s->p == '{' && fs_object(s, 1, m, M_COUNT);
+    if (ok) {
+        fs_ws(s);
+        ok = s->p == s->end;
+    }
+    free(s);
+    if (!ok)
+        return NULL;
+    /* The strings the envelope keeps; every other member only needs to be there. */
+    static const int text[] = {M_ID, M_SERVICE, M_TYPE, M_PRIORITY, M_TENANT, M_CREATED,
+                               M_DEADLINE};
+    size_t need = 0;
+    for (size_t i = 0; i < sizeof text / sizeof text[0]; i++) {
+        const fmember *f = &m[text[i]];
+        if (f->kind == F_OTHER)
+            return NULL;
+        if (f->kind == F_STRING)
+            need += f->val.n + 1;
+    }
+    if (m[M_ID].kind == F_NONE || m[M_SERVICE].kind == F_NONE || m[M_TYPE].kind == F_NONE ||
+        m[M_PAYLOAD].kind == F_NONE)
+        return NULL;
+
+    jf_envelope *env = calloc(1, sizeof *env + need);
+    if (env == NULL)
+        return NULL;
+    char *w = (char *)(env + 1);
+    const char *val[M_COUNT] = {0};
+    for (size_t i = 0; i < sizeof text / sizeof text[0]; i++) {
+        const fmember *f = &m[text[i]];
+        if (f->kind != F_STRING)
+            continue;
+        memcpy(w, f->val.s, f->val.n);
+        w[f->val.n] = '\0';
+        val[text[i]] = w;
+        w += f->val.n + 1;
+    }
+    jf_error err;
+    env->id = val[M_ID];
+    env->service = val[M_SERVICE];
+    env->type = val[M_TYPE];
+    env->tenant = val[M_TENANT];
+    env->priority = JF_PRIO_NORMAL;
+    if (check_text("id", env->id, m[M_ID].val.n, &err) != JF_OK ||
+        (env->tenant != NULL && check_text("tenant", env->tenant, m[M_TENANT].val.n, &err) != JF_OK) ||
+        !token_valid_n(env->service, m[M_SERVICE].val.n) ||
+        !token_valid_n(env->type, m[M_TYPE].val.n) ||
+        (val[M_PRIORITY] != NULL && jf_priority_parse(&env->priority, val[M_PRIORITY]) != JF_OK) ||
+        (val[M_CREATED] != NULL &&
+         jf_rfc3339_parse(&env->created_at_ms, val[M_CREATED], m[M_CREATED].val.n) != JF_OK) ||
+        (val[M_DEADLINE] != NULL &&
+         jf_rfc3339_parse(&env->deadline_ms, val[M_DEADLINE], m[M_DEADLINE].val.n) != JF_OK) ||
+        (subject != NULL && check_subject(subject, env, &err) != JF_OK)) {
+        free(env);
+        return NULL;
+    }
+    env->has_created_at = val[M_CREATED] != NULL;
+    env->has_deadline = val[M_DEADLINE] != NULL;
+    return env;
+}
+
+jf_status jf_envelope_scan(jf_envelope **out, const void *data, size_t len, const char *subject,
+                           size_t max_payload, jf_error *err)
+{
+    jf_envelope *env = fast_parse(data, len, subject, max_payload);
+    if (env == NULL)
+        return jf_envelope_parse(out, data, len, subject, max_payload, err);
+    *out = env;
+    return JF_OK;
+}

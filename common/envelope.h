@@ -29,7 +29,8 @@ jf_status jf_priority_parse(jf_priority *out, const char *s);
 bool jf_token_valid(const char *s);
 
 typedef struct jf_envelope {
-    json_t *root;       /* owned; the fields below point into it */
+    json_t *root;       /* owned; the fields below point into it (NULL after a
+                           jf_envelope_scan fast path: they point into the envelope) */
     const char *id;     /* 1..200 bytes, no control characters */
     const char *service;
     const char *type;
@@ -48,6 +49,14 @@ typedef struct jf_envelope {
  * broken (e.g. "id: longer than 200 bytes"). The caller owns *out. */
 jf_status jf_envelope_parse(jf_envelope **out, const void *data, size_t len, const char *subject,
                             size_t max_payload, jf_error *err);
+/* The same verdict and error as jf_envelope_parse, several times faster on
+ * valid envelopes: it scans without building a tree, so env->root is NULL
+ * (the fields point into the envelope's own allocation) unless the message
+ * needed jansson (escapes in a field, exponents, an error to word). For
+ * callers that need the fields only (the consumer, batch publishing). */
+jf_status jf_envelope_scan(jf_envelope **out, const void *data, size_t len, const char *subject,
+                           size_t max_payload, jf_error *err);
+
 void jf_envelope_destroy(jf_envelope *env);
 
 /* Writes "jobs.<service>.<priority>.<type>" (prefix "jobs" or "dlq"). */

@@ -218,7 +218,14 @@ static void schedule(jf_fleet *f)
         else
             idle++;
     }
-    int cap_busy = cc->max_in_flight - idle;
+    /* An idle durable's probe: a pull of 1 is used up by the first job
+     * that arrives, and the next one waits for a new pull's round trip
+     * (measured at 2,000 jobs/s: p50 publish->ack 3.9 ms vs 2.1 ms with
+     * probes of 16, and a pull request per 2.6 jobs). A few slots per
+     * idle durable, an eighth of the process's capacity in all at most. */
+    int probe = cc->max_in_flight / (8 * f->ndurables);
+    probe = probe < 1 ? 1 : probe > 16 ? 16 : probe;
+    int cap_busy = cc->max_in_flight - idle * probe;
 
     /* Priority-major order: when room is short, high pulls first. */
     for (int k = 0; k < f->ndurables; k++) {
@@ -232,7 +239,7 @@ static void schedule(jf_fleet *f)
                 target = 1;
         }
         for (;;) {
-            int want = d->npulls == 0 ? 1 : 0; /* an idle durable's probe */
+            int want = d->npulls == 0 ? probe : 0; /* an idle durable's probe */
             if (d->busy) {
                 /* Its share, but no more than the backlog still
                  * unrequested. */
@@ -394,9 +401,39 @@ static void drain_events(jf_fleet *f)
     f->batch.len = 0;
 }
 
+/* natsMsg_Destroy hands each message to nats.c's GC thread and wakes the
+ * thread when it sleeps: destroyed one at a time between other work, every
+ * job costs the process a futex wake-up and two context switches (measured:
+ * the largest single cost of the noop path after envelope parsing).
+ * Destroyed together once per loop iteration, a batch costs one. */
+void jf_fleet_bury(jf_fleet *f, natsMsg *m)
+{
+    if (m == NULL)
+        return;
+    if (f->ngrave == f->capgrave) {
+        size_t cap = f->capgrave ? f->capgrave * 2 : 256;
+        natsMsg **v = realloc(f->grave, cap * sizeof *v);
+        if (v == NULL) {
+            natsMsg_Destroy(m);
+            return;
+        }
+        f->grave = v;
+        f->capgrave = cap;
+    }
+    f->grave[f->ngrave++] = m;
+}
+
+static void empty_grave(jf_fleet *f)
+{
+    for (size_t i = 0; i < f->ngrave; i++)
+        natsMsg_Destroy(f->grave[i]);
+    f->ngrave = 0;
+}
+
 static void on_async(uv_async_t *a)
 {
     drain_events(a->data);
+    empty_grave(a->data);
 }
 
 /* ---- timers, signals, shutdown -------------------------------------- */
@@ -438,6 +475,7 @@ static void on_prepare(uv_prepare_t *h)
     }
     maybe_finish_stop(f);
     jf_metrics_in_flight(f->metrics, f->in_flight);
+    empty_grave(f); /* jobs settled by timers, curl, libpq callbacks */
 }
 
 /* Breakers change state with time alone (open -> half-open): look at each
@@ -836,6 +874,8 @@ void jf_fleet_destroy(jf_fleet *f)
     /* Messages queued by NATS threads and never handled. */
     for (size_t i = 0; i < f->q.len; i++)
         natsMsg_Destroy(f->q.v[i].msg);
+    empty_grave(f);
+    free(f->grave);
     free(f->q.v);
     free(f->batch.v);
     free(f->durables);

@@ -157,6 +157,9 @@ struct jf_fleet {
     natsSubscription *dl_sub;
     uint64_t next_pull_id, next_dl_id;
 
+    natsMsg **grave; /* settled jobs' messages, destroyed together (jf_fleet_bury) */
+    size_t ngrave, capgrave;
+
     jf_job jobs; /* sentinel of the list of jobs held */
     int in_flight, requested, peak;
     unsigned long long acked, dead, retried, deferred, skipped, nacked_on_stop, stray, trips;
@@ -177,5 +180,9 @@ void jf_job_free_all(jf_fleet *f);                       /* destroy: jobs left o
  * until this process's last open pull expires, so the server does not hand
  * the job straight back to a pull of a process on its way out. */
 int64_t jf_fleet_handback_delay(jf_fleet *f);
+
+/* Destroys m at the end of this loop iteration, together with the others
+ * (see fleet.c). */
+void jf_fleet_bury(jf_fleet *f, natsMsg *m);
 
 #endif

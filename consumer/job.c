@@ -111,7 +111,7 @@ static void free_job(jf_job *job)
 {
     jf_envelope_destroy(job->env);
     natsMsg_Destroy(job->dl_msg);
-    natsMsg_Destroy(job->msg);
+    jf_fleet_bury(job->f, job->msg);
     json_decref(job->result);
     free(job);
 }
@@ -719,7 +719,7 @@ void jf_job_start(jf_fleet *f, durable *d, natsMsg *m)
     if (++f->in_flight > f->peak)
         f->peak = f->in_flight;
 
-    if (jf_envelope_parse(&job->env, natsMsg_GetData(m), (size_t)natsMsg_GetDataLength(m),
+    if (jf_envelope_scan(&job->env, natsMsg_GetData(m), (size_t)natsMsg_GetDataLength(m),
                           natsMsg_GetSubject(m), (size_t)f->max_payload, &err) != JF_OK) {
         job->attempt = (unsigned)job->delivered;
         dead_letter(job, JF_DL_INVALID, err.msg);

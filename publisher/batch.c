@@ -413,7 +413,7 @@ int jf_cmd_batch(int argc, char **argv, const jf_pub_globals *g)
 
         jf_envelope *env = NULL;
         jf_error err = {{0}};
-        if (jf_envelope_parse(&env, line, len, NULL, max, &err) != JF_OK) {
+        if (jf_envelope_scan(&env, line, len, NULL, max, &err) != JF_OK) {
             invalid++;
             progress_clear(&pg);
             fprintf(stderr, "line %llu: invalid envelope: %s\n", r.lineno, err.msg);
