@@ -759,8 +759,10 @@ class Bench:
                      o / r, "≥ 0.8", o / r >= 0.8)
         self.notes.append(
             "Row 4: same PostgreSQL server (fsync off, as the tests run it), same two "
-            "connections, same SQL text and one transaction per statement for both; the "
-            "raw loop writes only one upsert per job at %s jobs/s." % human_rate(n / secs1))
+            "connections, same upserts; the raw loop pipelines one statement (its own "
+            "transaction) per job and step, jetfleet sends the jobs of one loop turn as one "
+            "multi-row statement per step (consumer/ledger.c, \"Batches\"); the raw loop "
+            "writes only one upsert per job at %s jobs/s." % human_rate(n / secs1))
 
     # ---- row 5: HTTP ----------------------------------------------------
 

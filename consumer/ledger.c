@@ -81,25 +81,120 @@ static const char SQL_FINISH[] =
     "  updated_at = now()"
     " WHERE j.status <> 'succeeded'";
 
+/* The same two statements for many jobs at once (see "batches" below):
+ * arrays of the single-row parameters, unnested into rows. A replay is told
+ * by the row proposed for insertion (replays = 1 only for a replay). */
+#define STMT_BEGIN_MANY  "jf_ledger_begin_many"
+#define STMT_FINISH_MANY "jf_ledger_finish_many"
+#define SQL_REPLAY_RESET_MANY                                                                      \
+    "(EXCLUDED.replays = 1 AND j.stream_seq IS DISTINCT FROM EXCLUDED.stream_seq)"
+
+static const char SQL_BEGIN_MANY[] =
+    "INSERT INTO jetfleet_jobs AS j (job_id, service, priority, type, tenant, status, attempts,"
+    " stream_seq, replays, replayed_at)"
+    " SELECT u.job_id, u.service, coalesce(u.priority, 'normal'), u.type, u.tenant, 'running', 1,"
+    " u.stream_seq, CASE WHEN u.replay THEN 1 ELSE 0 END, CASE WHEN u.replay THEN now() END"
+    " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[],"
+    " $7::boolean[]) AS u(job_id, service, priority, type, tenant, stream_seq, replay)"
+    " ON CONFLICT (job_id) DO UPDATE SET"
+    "  attempts = CASE WHEN " SQL_REPLAY_RESET_MANY " THEN 1"
+    "                  WHEN j.status IN ('succeeded', 'dead') THEN j.attempts"
+    "                  ELSE j.attempts + 1 END,"
+    "  replays = CASE WHEN " SQL_REPLAY_RESET_MANY " THEN j.replays + 1 ELSE j.replays END,"
+    "  replayed_at = CASE WHEN " SQL_REPLAY_RESET_MANY " THEN now() ELSE j.replayed_at END,"
+    "  error = CASE WHEN " SQL_REPLAY_RESET_MANY " THEN NULL ELSE j.error END,"
+    "  finished_at = CASE WHEN " SQL_REPLAY_RESET_MANY " THEN NULL ELSE j.finished_at END,"
+    "  status = CASE WHEN " SQL_REPLAY_RESET_MANY " THEN 'running'"
+    "                WHEN j.status IN ('succeeded', 'dead') THEN j.status ELSE 'running' END,"
+    "  stream_seq = CASE WHEN " SQL_REPLAY_RESET_MANY " THEN EXCLUDED.stream_seq"
+    "                    WHEN j.status IN ('succeeded', 'dead') THEN j.stream_seq"
+    "                    ELSE EXCLUDED.stream_seq END,"
+    "  updated_at = CASE WHEN " SQL_REPLAY_RESET_MANY " OR j.status NOT IN ('succeeded', 'dead')"
+    "                    THEN now() ELSE j.updated_at END"
+    " RETURNING j.job_id, (j.xmax = 0) AS inserted, j.status, j.attempts";
+
+static const char SQL_FINISH_MANY[] =
+    "INSERT INTO jetfleet_jobs AS j (job_id, service, priority, type, tenant, status, attempts,"
+    " result, error, stream_seq, finished_at)"
+    " SELECT u.job_id, u.service, coalesce(u.priority, 'normal'), u.type, u.tenant, u.status, 0,"
+    " u.result::jsonb, u.error, u.stream_seq,"
+    " CASE WHEN u.status IN ('succeeded', 'dead') THEN now() END"
+    " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],"
+    " $7::text[], $8::text[], $9::bigint[])"
+    " AS u(job_id, service, priority, type, tenant, status, result, error, stream_seq)"
+    " ON CONFLICT (job_id) DO UPDATE SET"
+    "  status = EXCLUDED.status,"
+    "  result = EXCLUDED.result,"
+    "  error = EXCLUDED.error,"
+    "  stream_seq = EXCLUDED.stream_seq,"
+    "  finished_at = EXCLUDED.finished_at,"
+    "  updated_at = now()"
+    " WHERE j.status <> 'succeeded'";
+
 static const jf_pg_statement STATEMENTS[] = {
     {STMT_BEGIN, SQL_BEGIN},
     {STMT_FINISH, SQL_FINISH},
+    {STMT_BEGIN_MANY, SQL_BEGIN_MANY},
+    {STMT_FINISH_MANY, SQL_FINISH_MANY},
 };
+
+/* Batches: the requests made during one turn of the loop go out together,
+ * one statement (one transaction, one commit) per kind, when the turn ends
+ * (a check handle, with an idle handle so the loop does not block in
+ * between). At 64 jobs in flight that is a few statements per turn instead
+ * of two per job, and PostgreSQL's cost per statement and per commit is
+ * most of the ledger path's. A batch never holds the same job twice (ON
+ * CONFLICT cannot touch a row twice in one statement: the first batch is
+ * sent, a new one starts) and stays under BATCH_MAX jobs and BATCH_BYTES.
+ * A batch the server refuses for its content (an SQL error that is not a
+ * fault of the server) is re-sent job by job, so one bad row fails only
+ * its own job. A batch of one uses the single-row statement. */
+#define BATCH_MAX   128
+#define BATCH_BYTES (1024 * 1024)
+#define MAX_COLS    9
+
+enum { KIND_BEGIN, KIND_FINISH, KIND_COUNT };
+
+typedef struct lreq lreq;
+
+typedef struct bentry {
+    lreq *q;
+    char *blk;                   /* one allocation holding the copies below */
+    const char *param[MAX_COLS]; /* the single-row statement's parameters */
+} bentry;
+
+typedef struct batch {
+    bentry e[BATCH_MAX];
+    int n;
+    size_t bytes;
+} batch;
+
+/* What a sent batch needs to hand each job its answer. */
+typedef struct sent {
+    struct jf_ledger *l;
+    int kind, n;
+    bentry e[];
+} sent;
 
 struct jf_ledger {
     uv_loop_t *loop;
     jf_pgpool *pool;
     jf_breaker *breaker;
+    uv_check_t check; /* sends the batches at the end of a loop turn */
+    uv_idle_t idle;   /* keeps the loop from blocking while a batch waits */
+    int handles_open;
+    bool closing;
+    batch batches[KIND_COUNT];
 };
 
-typedef struct lreq {
+struct lreq {
     jf_ledger *l;
     jf_ledger_begin_cb begin_cb; /* one of the two */
     jf_ledger_done_cb done_cb;
     void *arg;
     bool counted; /* the breaker let it through: its outcome is recorded */
     uint64_t t0_ns;
-} lreq;
+};
 
 const char *jf_ledger_status_name(jf_ledger_status s)
 {
@@ -144,6 +239,17 @@ static jf_status run_sql(PGconn *pg, const char *sql, const char *what, jf_error
     }
     char line[400];
     first_line(line, sizeof line, res ? PQresultErrorMessage(res) : PQerrorMessage(pg));
+    const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+    const char *primary = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY) : NULL;
+    /* insufficient_privilege: a least-privilege role met a schema that is
+     * not (fully) migrated; say who must migrate instead of only "denied". */
+    if (state != NULL && strcmp(state, "42501") == 0 && primary != NULL) {
+        first_line(line, sizeof line, primary);
+        jf_error_set(err, "ledger: %s: %s: migrations must be applied by a role that may create "
+                     "tables (start one consumer with the schema owner's dsn first)", what, line);
+        PQclear(res);
+        return JF_ERR_IO;
+    }
     PQclear(res);
     jf_error_set(err, "ledger: %s: %s", what, line);
     return JF_ERR_IO;
@@ -341,9 +447,13 @@ static jf_status migrate(const char *dsn, jf_error *err)
     st = run_sql(pg, "SELECT pg_advisory_lock(" MIGRATION_LOCK_KEY ")", "migration lock", err);
     if (st == JF_OK)
         st = run_sql(pg,
-                     "CREATE TABLE IF NOT EXISTS jetfleet_migrations ("
+                     /* CREATE … IF NOT EXISTS needs CREATE on the schema even when
+                      * the table exists; a role without DDL rights runs a current
+                      * schema, so create only what is missing. */
+                     "DO $$ BEGIN IF to_regclass('jetfleet_migrations') IS NULL THEN"
+                     " CREATE TABLE jetfleet_migrations ("
                      " version text PRIMARY KEY,"
-                     " applied_at timestamptz NOT NULL DEFAULT now())",
+                     " applied_at timestamptz NOT NULL DEFAULT now()); END IF; END $$",
                      "creating jetfleet_migrations", err);
     for (size_t i = 0; st == JF_OK && i < nfiles; i++)
         st = apply_one(pg, dir, files[i], err);
@@ -389,6 +499,11 @@ jf_status jf_ledger_create(jf_ledger **out, uv_loop_t *loop, const jf_config *cf
                           cfg->postgres_connections > 0 ? cfg->postgres_connections : 1, err);
     if (st != JF_OK)
         goto fail;
+    uv_check_init(loop, &l->check);
+    uv_idle_init(loop, &l->idle);
+    l->check.data = l;
+    l->idle.data = l;
+    l->handles_open = 2;
     jf_log(JF_LOG_INFO, "ledger ready", JF_I("connections", cfg->postgres_connections));
     *out = l;
     return JF_OK;
@@ -399,15 +514,42 @@ fail:
     return st;
 }
 
+static void fail_entries(int kind, const bentry *e, int n, const jf_pg_reply *r);
+
+static void on_handle_closed(uv_handle_t *h)
+{
+    jf_ledger *l = h->data;
+    if (--l->handles_open == 0)
+        free(l);
+}
+
 void jf_ledger_destroy(jf_ledger *l)
 {
     if (l == NULL)
         return;
-    /* Pending callbacks run now with JF_ERR_IO; they may still use l. */
+    /* Pending callbacks run now with JF_ERR_IO; they may still use l (and
+     * what they ask for now goes straight to the pool, which fails it). */
+    l->closing = true;
+    jf_pg_reply closed = {.outcome = JF_PG_CLOSED, .error = "ledger: closed"};
+    for (int k = 0; k < KIND_COUNT; k++) {
+        batch *b = &l->batches[k];
+        int n = b->n;
+        b->n = 0;
+        fail_entries(k, b->e, n, &closed);
+        for (int i = 0; i < n; i++)
+            free(b->e[i].blk);
+    }
     jf_pgpool_destroy(l->pool);
     l->pool = NULL;
     jf_breaker_destroy(l->breaker);
-    free(l);
+    l->breaker = NULL;
+    if (l->handles_open == 0) {
+        free(l);
+        return;
+    }
+    /* The memory goes when the loop has closed the two handles. */
+    uv_close((uv_handle_t *)&l->check, on_handle_closed);
+    uv_close((uv_handle_t *)&l->idle, on_handle_closed);
 }
 
 bool jf_ledger_available(jf_ledger *l, int64_t now_ms)
@@ -475,35 +617,40 @@ static jf_status settle(lreq *q, const jf_pg_reply *r, char *msg, size_t cap)
     return timeout ? JF_ERR_TIMEOUT : JF_ERR_IO;
 }
 
+/* Hands a begin its answer: row `row` of res, columns col0.. (inserted,
+ * status, attempts), when st is JF_OK. */
+static void answer_begin(lreq *q, jf_status st, const char *msg, const PGresult *res, int row,
+                         int col0)
+{
+    jf_ledger_status prior = JF_LEDGER_NONE;
+    int attempts = 0;
+    if (st == JF_OK) {
+        bool inserted = strcmp(PQgetvalue(res, row, col0), "t") == 0;
+        const char *status = PQgetvalue(res, row, col0 + 1);
+        attempts = atoi(PQgetvalue(res, row, col0 + 2));
+        if (inserted)
+            prior = JF_LEDGER_NONE;
+        else if (strcmp(status, "succeeded") == 0)
+            prior = JF_LEDGER_SUCCEEDED;
+        else if (strcmp(status, "dead") == 0)
+            prior = JF_LEDGER_DEAD;
+        else
+            prior = JF_LEDGER_RUNNING;
+    }
+    q->begin_cb(q->arg, st, prior, attempts, st == JF_OK ? NULL : msg);
+    free(q);
+}
+
 static void on_begin(void *arg, const jf_pg_reply *r)
 {
     lreq *q = arg;
     char msg[600];
     jf_status st = settle(q, r, msg, sizeof msg);
-    jf_ledger_status prior = JF_LEDGER_NONE;
-    int attempts = 0;
-    if (st == JF_OK) {
-        const PGresult *res = r->res;
-        if (PQntuples(res) != 1 || PQnfields(res) != 3) {
-            st = JF_ERR_IO;
-            snprintf(msg, sizeof msg, "ledger: begin returned %d rows", PQntuples(res));
-        } else {
-            bool inserted = strcmp(PQgetvalue(res, 0, 0), "t") == 0;
-            const char *status = PQgetvalue(res, 0, 1);
-            attempts = atoi(PQgetvalue(res, 0, 2));
-            if (inserted)
-                prior = JF_LEDGER_NONE;
-            else if (strcmp(status, "succeeded") == 0)
-                prior = JF_LEDGER_SUCCEEDED;
-            else if (strcmp(status, "dead") == 0)
-                prior = JF_LEDGER_DEAD;
-            else
-                prior = JF_LEDGER_RUNNING;
-        }
+    if (st == JF_OK && (PQntuples(r->res) != 1 || PQnfields(r->res) != 3)) {
+        st = JF_ERR_IO;
+        snprintf(msg, sizeof msg, "ledger: begin returned %d rows", PQntuples(r->res));
     }
-    q->begin_cb(q->arg, st, st == JF_OK ? prior : JF_LEDGER_NONE, st == JF_OK ? attempts : 0,
-                st == JF_OK ? NULL : msg);
-    free(q);
+    answer_begin(q, st, msg, r->res, 0, 0);
 }
 
 static void on_finish(void *arg, const jf_pg_reply *r)
@@ -513,6 +660,209 @@ static void on_finish(void *arg, const jf_pg_reply *r)
     jf_status st = settle(q, r, msg, sizeof msg);
     q->done_cb(q->arg, st, st == JF_OK ? NULL : msg);
     free(q);
+}
+
+/* ---- batches ---------------------------------------------------------- */
+
+static const struct {
+    const char *one, *many;
+    int nparams;
+    jf_pg_cb on_one;
+} KINDS[KIND_COUNT] = {
+    [KIND_BEGIN] = {STMT_BEGIN, STMT_BEGIN_MANY, 7, on_begin},
+    [KIND_FINISH] = {STMT_FINISH, STMT_FINISH_MANY, 9, on_finish},
+};
+
+static void send_one(jf_ledger *l, int kind, const char *const *param, lreq *q)
+{
+    jf_pgpool_exec(l->pool, KINDS[kind].one, NULL, KINDS[kind].nparams, param, NULL,
+                   KINDS[kind].on_one, q);
+}
+
+/* One text array literal of column c of the batch: every element quoted
+ * (backslash and quote escaped), NULL unquoted. NULL when out of memory. */
+static char *array_literal(const bentry *e, int n, int c)
+{
+    size_t cap = 3;
+    for (int i = 0; i < n; i++)
+        cap += e[i].param[c] == NULL ? 5 : 2 * strlen(e[i].param[c]) + 3;
+    char *out = malloc(cap), *w = out;
+    if (out == NULL)
+        return NULL;
+    *w++ = '{';
+    for (int i = 0; i < n; i++) {
+        if (i > 0)
+            *w++ = ',';
+        const char *v = e[i].param[c];
+        if (v == NULL) {
+            memcpy(w, "NULL", 4);
+            w += 4;
+            continue;
+        }
+        *w++ = '"';
+        for (; *v != '\0'; v++) {
+            if (*v == '"' || *v == '\\')
+                *w++ = '\\';
+            *w++ = *v;
+        }
+        *w++ = '"';
+    }
+    *w++ = '}';
+    *w = '\0';
+    return out;
+}
+
+/* Gives every job of a batch the same failure. */
+static void fail_entries(int kind, const bentry *e, int n, const jf_pg_reply *r)
+{
+    for (int i = 0; i < n; i++) {
+        lreq *q = e[i].q;
+        char msg[600];
+        jf_status st = settle(q, r, msg, sizeof msg);
+        if (st == JF_OK) { /* not reached: only failures come here */
+            st = JF_ERR_IO;
+            snprintf(msg, sizeof msg, "ledger: batch failed");
+        }
+        if (kind == KIND_BEGIN)
+            answer_begin(q, st, msg, NULL, 0, 0);
+        else {
+            q->done_cb(q->arg, st, msg);
+            free(q);
+        }
+    }
+}
+
+static void on_many(void *arg, const jf_pg_reply *r)
+{
+    sent *s = arg;
+    jf_ledger *l = s->l;
+    if (r->outcome == JF_PG_SQL_ERROR && !db_fault(r) && !l->closing) {
+        /* The content, not the server: each job on its own. */
+        for (int i = 0; i < s->n; i++)
+            send_one(l, s->kind, s->e[i].param, s->e[i].q);
+    } else if (r->outcome != JF_PG_OK) {
+        fail_entries(s->kind, s->e, s->n, r);
+    } else if (s->kind == KIND_FINISH) {
+        for (int i = 0; i < s->n; i++)
+            on_finish(s->e[i].q, r);
+    } else {
+        const PGresult *res = r->res;
+        int rows = PQnfields(res) == 4 ? PQntuples(res) : 0;
+        for (int i = 0; i < s->n; i++) {
+            lreq *q = s->e[i].q;
+            const char *id = s->e[i].param[0];
+            /* Rows come back in the order of the arrays in practice; the
+             * id decides. */
+            int row = i < rows && strcmp(PQgetvalue(res, i, 0), id) == 0 ? i : -1;
+            for (int k = 0; row < 0 && k < rows; k++)
+                if (strcmp(PQgetvalue(res, k, 0), id) == 0)
+                    row = k;
+            char msg[600];
+            jf_status st = settle(q, r, msg, sizeof msg);
+            if (row < 0) {
+                st = JF_ERR_IO;
+                snprintf(msg, sizeof msg, "ledger: begin returned no row for the job");
+            }
+            answer_begin(q, st, msg, res, row, 1);
+        }
+    }
+    for (int i = 0; i < s->n; i++)
+        free(s->e[i].blk);
+    free(s);
+}
+
+static void send_batch(jf_ledger *l, int kind)
+{
+    batch *b = &l->batches[kind];
+    int n = b->n;
+    b->n = 0;
+    b->bytes = 0;
+    if (n == 0)
+        return;
+    if (n == 1) {
+        send_one(l, kind, b->e[0].param, b->e[0].q);
+        free(b->e[0].blk);
+        return;
+    }
+    sent *s = malloc(sizeof *s + (size_t)n * sizeof s->e[0]);
+    char *arrays[MAX_COLS] = {0};
+    bool ok = s != NULL;
+    for (int c = 0; ok && c < KINDS[kind].nparams; c++)
+        ok = (arrays[c] = array_literal(b->e, n, c)) != NULL;
+    if (!ok) {
+        /* No memory for the batch: the jobs go one by one. */
+        for (int i = 0; i < n; i++) {
+            send_one(l, kind, b->e[i].param, b->e[i].q);
+            free(b->e[i].blk);
+        }
+        free(s);
+    } else {
+        s->l = l;
+        s->kind = kind;
+        s->n = n;
+        memcpy(s->e, b->e, (size_t)n * sizeof s->e[0]);
+        jf_pgpool_exec(l->pool, KINDS[kind].many, NULL, KINDS[kind].nparams,
+                       (const char *const *)arrays, NULL, on_many, s);
+    }
+    for (int c = 0; c < MAX_COLS; c++)
+        free(arrays[c]);
+}
+
+static void on_check(uv_check_t *h)
+{
+    jf_ledger *l = h->data;
+    for (int k = 0; k < KIND_COUNT; k++)
+        send_batch(l, k);
+    uv_check_stop(&l->check);
+    uv_idle_stop(&l->idle);
+}
+
+static void on_idle(uv_idle_t *h)
+{
+    (void)h; /* only there so that the loop polls without blocking */
+}
+
+/* Queues a request for the end of this loop turn (see "Batches"). The
+ * parameters are copied. */
+static void enqueue(jf_ledger *l, int kind, const char *const *param, lreq *q)
+{
+    int np = KINDS[kind].nparams;
+    if (l->closing || l->handles_open == 0) {
+        send_one(l, kind, param, q);
+        return;
+    }
+    size_t size = 0;
+    for (int c = 0; c < np; c++)
+        size += param[c] != NULL ? strlen(param[c]) + 1 : 0;
+    batch *b = &l->batches[kind];
+    bool dup = false;
+    for (int i = 0; i < b->n && !dup; i++)
+        dup = strcmp(b->e[i].param[0], param[0]) == 0;
+    if (b->n > 0 && (dup || b->n == BATCH_MAX || b->bytes + size > BATCH_BYTES))
+        send_batch(l, kind);
+    bentry *e = &b->e[b->n];
+    e->q = q;
+    e->blk = malloc(size > 0 ? size : 1);
+    if (e->blk == NULL) {
+        send_one(l, kind, param, q); /* jf_pgpool_exec copies or fails it itself */
+        return;
+    }
+    char *w = e->blk;
+    for (int c = 0; c < MAX_COLS; c++) {
+        e->param[c] = NULL;
+        if (c < np && param[c] != NULL) {
+            size_t len = strlen(param[c]) + 1;
+            memcpy(w, param[c], len);
+            e->param[c] = w;
+            w += len;
+        }
+    }
+    b->n++;
+    b->bytes += size;
+    if (!uv_is_active((uv_handle_t *)&l->check)) {
+        uv_check_start(&l->check, on_check);
+        uv_idle_start(&l->idle, on_idle);
+    }
 }
 
 void jf_ledger_begin(jf_ledger *l, const jf_ledger_job *job, jf_ledger_begin_cb cb, void *arg)
@@ -528,7 +878,7 @@ void jf_ledger_begin(jf_ledger *l, const jf_ledger_job *job, jf_ledger_begin_cb 
                             job->tenant,
                             seq,
                             job->replay ? "true" : "false"};
-    jf_pgpool_exec(l->pool, STMT_BEGIN, NULL, 7, params, NULL, on_begin, q);
+    enqueue(l, KIND_BEGIN, params, q);
 }
 
 /* An error as the ledger stores it: valid UTF-8 (a byte that is not becomes
@@ -634,7 +984,7 @@ void jf_ledger_finish(jf_ledger *l, const jf_ledger_job *job, jf_ledger_status s
                             res_text,
                             status == JF_LEDGER_SUCCEEDED ? NULL : err_text,
                             seq};
-    jf_pgpool_exec(l->pool, STMT_FINISH, NULL, 9, params, NULL, on_finish, q);
+    enqueue(l, KIND_FINISH, params, q);
     free(res_text);
     free(err_text);
 }
