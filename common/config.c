@@ -212,17 +212,52 @@ typedef struct parse_ctx {
 
 /* --- small helpers ------------------------------------------------------ */
 
+/* Bytes of the well-formed UTF-8 character at s (no overlong form, no
+ * surrogate, nothing past U+10FFFF), or 0. */
+static size_t utf8_len(const unsigned char *s, size_t left)
+{
+    size_t n = 0;
+    if (s[0] >= 0xC2 && s[0] <= 0xDF)
+        n = 2;
+    else if (s[0] >= 0xE0 && s[0] <= 0xEF)
+        n = 3;
+    else if (s[0] >= 0xF0 && s[0] <= 0xF4)
+        n = 4;
+    if (n == 0 || n > left)
+        return 0;
+    for (size_t i = 1; i < n; i++)
+        if ((s[i] & 0xC0) != 0x80)
+            return 0;
+    if ((s[0] == 0xE0 && s[1] < 0xA0) || (s[0] == 0xED && s[1] > 0x9F) ||
+        (s[0] == 0xF0 && s[1] < 0x90) || (s[0] == 0xF4 && s[1] > 0x8F))
+        return 0;
+    return n;
+}
+
+/* Messages end up in JSON log lines: bytes that are not UTF-8 are escaped
+ * like control characters, and a character is never cut in two. */
 static void quote(char *buf, size_t cap, const char *s)
 {
-    size_t o = 0, len = strlen(s);
-    for (size_t i = 0; i < len && i < QUOTE_MAX && o + 5 < cap; i++) {
-        unsigned char ch = (unsigned char)s[i];
-        if (ch < 0x20 || ch == 0x7f || ch == '"' || ch == '\\')
+    const unsigned char *u = (const unsigned char *)s;
+    size_t o = 0, i = 0, len = strlen(s);
+    while (i < len && o + 5 < cap) {
+        const unsigned char ch = u[i];
+        const size_t n = ch < 0x80 ? 1 : utf8_len(u + i, len - i);
+        if (i + (n > 0 ? n : 1) > QUOTE_MAX)
+            break;
+        if (n > 1) {
+            memcpy(buf + o, s + i, n);
+            o += n;
+            i += n;
+            continue;
+        }
+        if (n == 0 || ch < 0x20 || ch == 0x7f || ch == '"' || ch == '\\')
             o += (size_t)snprintf(buf + o, cap - o, "\\x%02x", ch);
         else
             buf[o++] = (char)ch;
+        i++;
     }
-    if (len > QUOTE_MAX && o + 4 < cap) {
+    if (i < len && o + 4 < cap) {
         memcpy(buf + o, "...", 3);
         o += 3;
     }
@@ -259,12 +294,21 @@ __attribute__((noinline)) static const key_def *find_key(const key_def *keys, si
     return NULL;
 }
 
+/* Whole names only: a list cut inside a name would show a key that does
+ * not exist. */
 static void key_list(char *buf, size_t cap, const key_def *keys, size_t n)
 {
     size_t o = 0;
     buf[0] = '\0';
-    for (size_t i = 0; i < n && o < cap; i++)
+    for (size_t i = 0; i < n; i++) {
+        const size_t need = (i ? 2 : 0) + strlen(keys[i].name);
+        const size_t tail = i + 1 < n ? sizeof ", ..." - 1 : 0;
+        if (o + need + tail >= cap) {
+            snprintf(buf + o, cap - o, "%s...", i ? ", " : "");
+            return;
+        }
         o += (size_t)snprintf(buf + o, cap - o, "%s%s", i ? ", " : "", keys[i].name);
+    }
 }
 
 static char *dup_str(const char *s)
@@ -846,9 +890,67 @@ static jf_status apply_env_section(const char *section, const key_def *keys, siz
     return JF_OK;
 }
 
+/* A JETFLEET_ variable under the prefix of a known section (or of a
+ * service the file has) that names no key there is a typo — a
+ * JETFLEET_NATS_PASWORD would otherwise be ignored and the server's refusal
+ * would be the only clue. Variables of services the file does not have,
+ * and other JETFLEET_ names (JETFLEET_CONFIG …), are not ours to judge. */
+static bool env_is(const char *var, const char *section, const char *key)
+{
+    char name[160];
+    env_name(name, sizeof name, section, key);
+    return key[0] != '\0' ? strcmp(var, name) == 0 : strncmp(var, name, strlen(name)) == 0;
+}
+
+static jf_status check_env_names(parse_ctx *c)
+{
+    extern char **environ;
+    jf_config *cfg = c->cfg;
+    for (char **e = environ; e != NULL && *e != NULL; e++) {
+        const char *eq = strchr(*e, '=');
+        size_t len = eq != NULL ? (size_t)(eq - *e) : strlen(*e);
+        char var[160];
+        if (len <= sizeof ENV_PREFIX - 1 || len >= sizeof var ||
+            strncmp(*e, ENV_PREFIX, sizeof ENV_PREFIX - 1) != 0)
+            continue;
+        memcpy(var, *e, len);
+        var[len] = '\0';
+
+        bool known = false;
+        char svc[JF_NAME_MAX + 16];
+        for (int i = 0; i < NFIXED && !known; i++)
+            for (size_t k = 0; k < fixed_sections[i].nkeys && !known; k++)
+                known = env_is(var, fixed_sections[i].name, fixed_sections[i].keys[k].name);
+        for (size_t i = 0; i < cfg->nservices && !known; i++) {
+            snprintf(svc, sizeof svc, "%s%s", SERVICE_PREFIX, cfg->services[i].name);
+            for (size_t k = 0; k < NKEYS(service_keys) && !known; k++)
+                known = env_is(var, svc, service_keys[k].name);
+        }
+        if (known)
+            continue;
+        const char *section = NULL;
+        for (int i = 0; i < NFIXED && section == NULL; i++)
+            if (env_is(var, fixed_sections[i].name, ""))
+                section = fixed_sections[i].name;
+        for (size_t i = 0; i < cfg->nservices && section == NULL; i++) {
+            snprintf(svc, sizeof svc, "%s%s", SERVICE_PREFIX, cfg->services[i].name);
+            if (env_is(var, svc, ""))
+                section = svc;
+        }
+        if (section != NULL) {
+            jf_error_set(c->err, "environment %s: no such key in [%s] (a typo?)", var, section);
+            return JF_ERR_INVALID;
+        }
+    }
+    return JF_OK;
+}
+
 static jf_status apply_env(parse_ctx *c)
 {
     jf_config *cfg = c->cfg;
+    jf_status cst = check_env_names(c);
+    if (cst != JF_OK)
+        return cst;
     for (int i = 0; i < NFIXED; i++) {
         jf_status st = apply_env_section(fixed_sections[i].name, fixed_sections[i].keys,
                                          fixed_sections[i].nkeys, cfg, c->fixed_src[i], c->err);
@@ -935,8 +1037,10 @@ static jf_status check_whole(parse_ctx *c)
             return JF_ERR_INVALID;
         }
         if (s->breaker.min_calls > s->breaker.window) {
-            origin(o1, sizeof o1, c, section, "breaker_min_calls",
-                   svc_src(c, i, "breaker_min_calls"));
+            /* Point at the key the user set: min_calls may be the default. */
+            const char *key =
+                svc_src(c, i, "breaker_min_calls") != 0 ? "breaker_min_calls" : "breaker_window";
+            origin(o1, sizeof o1, c, section, key, svc_src(c, i, key));
             jf_error_set(c->err, "%s: [%s] breaker_min_calls = %d exceeds breaker_window = %d", o1,
                          section, s->breaker.min_calls, s->breaker.window);
             return JF_ERR_INVALID;
@@ -962,6 +1066,18 @@ static jf_status check_whole(parse_ctx *c)
                 return JF_ERR_INVALID;
             }
         }
+    }
+
+    /* The ledger's breaker, like the services', is built at start; refuse
+     * here what jf_breaker_create would refuse there without a location. */
+    const jf_breaker_config *lb = &cfg->ledger_breaker;
+    if (lb->min_calls > lb->window) {
+        const char *key = fixed_src(c, S_POSTGRES, "breaker_min_calls") != 0 ? "breaker_min_calls"
+                                                                              : "breaker_window";
+        origin(o1, sizeof o1, c, "postgres", key, fixed_src(c, S_POSTGRES, key));
+        jf_error_set(c->err, "%s: [postgres] breaker_min_calls = %d exceeds breaker_window = %d",
+                     o1, lb->min_calls, lb->window);
+        return JF_ERR_INVALID;
     }
 
     const jf_consumer_config *cc = &cfg->consumer;

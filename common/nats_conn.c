@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "log.h"
 
@@ -205,7 +206,7 @@ static jf_status nkey_public_from_file(char pub[NKEY_PUB_LEN + 1], const char *p
     FILE *f = fopen(path, "rb");
     if (f == NULL) {
         jf_error_set(err, "[nats] nkey_seed: cannot open %s: %s", path, strerror(errno));
-        return errno == ENOENT ? JF_ERR_NOTFOUND : JF_ERR_IO;
+        return JF_ERR_INVALID; /* a config error (exit 2) in both programs */
     }
     n = fread(text, 1, SEED_FILE_MAX + 1, f);
     int rerr = ferror(f);
@@ -376,6 +377,12 @@ static jf_status build_options(natsOptions *o, const jf_nats_config *nc, const c
         jf_error_set(err, "[nats] creds and nkey_seed cannot both be set");
         return JF_ERR_INVALID;
     }
+    /* nats.c opens the file only when it connects, and its message names
+     * neither the key nor a config error: check it here. */
+    if (set(nc->creds) && access(nc->creds, R_OK) != 0) {
+        jf_error_set(err, "[nats] creds: cannot read %s: %s", nc->creds, strerror(errno));
+        return JF_ERR_INVALID;
+    }
     if (set(nc->creds) &&
         (s = natsOptions_SetUserCredentialsFromFiles(o, nc->creds, NULL)) != NATS_OK)
         return opts_fail(s, "[nats] creds", err);
@@ -497,7 +504,21 @@ jf_status jf_nats_connect(natsConnection **out, const jf_config *cfg, const char
             break;
         int64_t left = deadline - mono_ms();
         if (!retryable(s) || left <= 0) {
-            jf_error_set(err, "cannot connect to %s: %s", shown, jf_nats_error_text(s));
+            const char *why = jf_nats_error_text(s);
+            char hint[JF_ERROR_MAX];
+            /* A server that rejects the client certificate (TLS 1.3 checks it
+             * after the handshake) just closes: nats.c then reports an empty
+             * PONG or a failed SSL write, which tells the user nothing. */
+            if ((set(cfg->nats.tls_ca) || set(cfg->nats.tls_cert) || set(cfg->nats.tls_key)) &&
+                ((s == NATS_PROTOCOL_ERROR && strstr(why, "got ''") != NULL) ||
+                 (s == NATS_IO_ERROR && strncmp(why, "SSL_", 4) == 0))) {
+                snprintf(hint, sizeof hint,
+                         "the server closed the connection after the TLS handshake (%s): it "
+                         "requires a client certificate it trusts ([nats] tls_cert, tls_key)",
+                         why);
+                why = hint;
+            }
+            jf_error_set(err, "cannot connect to %s: %s", shown, why);
             st = s == NATS_CONNECTION_AUTH_FAILED || s == NATS_NOT_PERMITTED ? JF_ERR_NATS
                  : retryable(s)                                              ? JF_ERR_TIMEOUT
                                                                              : JF_ERR_NATS;

@@ -1,6 +1,7 @@
 #include "deadletter.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "rfc3339.h"
@@ -37,17 +38,22 @@ static void one_line(char *dst, size_t cap, const char *src)
 jf_status jf_dl_message(natsMsg **out, const jf_dl_info *info, const void *body, int len,
                         const char *reply, jf_error *err)
 {
-    char subject[1024], error[DL_ERROR_MAX], num[32], seq[32], when[40], msgid[256];
+    char error[DL_ERROR_MAX], num[32], seq[32], when[40], msgid[256];
     natsMsg *m = NULL;
     natsStatus s;
 
     /* jobs.<service>.<priority>.<type…> -> dlq.<service>.<priority>.<type…>;
-     * the durable's filter guarantees the "jobs." prefix. */
+     * the durable's filter guarantees the "jobs." prefix. As long as the
+     * original's subject, which the server has bounded already: a dead
+     * letter refused for its length would be redelivered forever. */
     const char *rest = strncmp(info->subject, "jobs.", 5) == 0 ? info->subject + 5 : info->subject;
-    if ((size_t)snprintf(subject, sizeof subject, "dlq.%s", rest) >= sizeof subject) {
-        jf_error_set(err, "dead letter: subject too long (%s)", info->subject);
-        return JF_ERR_INVALID;
+    const size_t subject_cap = strlen(rest) + sizeof "dlq.";
+    char *subject = malloc(subject_cap);
+    if (subject == NULL) {
+        jf_error_set(err, "dead letter for %s: out of memory", info->subject);
+        return JF_ERR_NOMEM;
     }
+    snprintf(subject, subject_cap, "dlq.%s", rest);
     one_line(error, sizeof error, info->error);
     snprintf(num, sizeof num, "%llu", (unsigned long long)info->deliveries);
     snprintf(seq, sizeof seq, "%llu", (unsigned long long)info->stream_seq);
@@ -56,6 +62,7 @@ jf_status jf_dl_message(natsMsg **out, const jf_dl_info *info, const void *body,
              (unsigned long long)info->stream_seq);
 
     s = natsMsg_Create(&m, subject, reply, body, len);
+    free(subject);
     if (s == NATS_OK)
         s = natsMsgHeader_Set(m, "Jetfleet-Reason", jf_dl_reason_name(info->reason));
     if (s == NATS_OK)

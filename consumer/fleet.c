@@ -36,6 +36,7 @@
 #include <unistd.h>
 #include <uv.h>
 
+#include "jsmsg.h"
 #include "log.h"
 #include "nats_conn.h"
 #include "provision.h"
@@ -59,6 +60,14 @@ static int64_t now_ms(void)
 static void push_event(jf_fleet *f, event ev)
 {
     pthread_mutex_lock(&f->mu);
+    if (f->closing) {
+        /* The fleet is being torn down (its async handle may be closed):
+         * the message is destroyed here, on the library's thread, while the
+         * library still runs; the server redelivers it. */
+        pthread_mutex_unlock(&f->mu);
+        natsMsg_Destroy(ev.msg);
+        return;
+    }
     if (f->q.len == f->q.cap) {
         size_t cap = f->q.cap ? f->q.cap * 2 : 256;
         event *v = realloc(f->q.v, cap * sizeof *v);
@@ -281,6 +290,9 @@ static void reprovision_work(uv_work_t *w)
     if (d->work_status == JF_OK)
         d->work_status =
             jf_provision_durable(f->js, f->cfg, d->svc->cfg, d->prio, f->provision, &d->work_err);
+    /* nats.c's thread-local error state of this libuv pool thread: the pool
+     * outlives nats_Close, so only this call frees it (as in limits.c). */
+    nats_ReleaseThreadMemory();
 }
 
 static void reprovision_done(uv_work_t *w, int status)
@@ -300,7 +312,8 @@ static void handle_status(jf_fleet *f, durable *d, pull *p, const char *status, 
 {
     const char *desc = NULL;
     natsMsgHeader_Get(m, "Description", &desc);
-    if (strcmp(status, "100") == 0) {
+    jf_pull_status ps = jf_pull_status_classify(status, desc);
+    if (ps == JF_PULL_HEARTBEAT) {
         if (p != NULL)
             p->last_ms = now_ms();
         d->silent = 0;
@@ -309,7 +322,7 @@ static void handle_status(jf_fleet *f, durable *d, pull *p, const char *status, 
     d->silent = 0;
     if (p == NULL)
         return;
-    if (strcmp(status, "408") == 0 || strcmp(status, "404") == 0) {
+    if (ps == JF_PULL_EXPIRED) {
         /* Expired: whatever it did not bring is no longer coming. */
         if (p->remaining == p->batch) {
             d->busy = false;
@@ -320,9 +333,10 @@ static void handle_status(jf_fleet *f, durable *d, pull *p, const char *status, 
     }
     /* 409 and anything else closes the pull; pause this durable briefly so
      * a persistent refusal does not become a busy loop. */
-    jf_log(strcmp(status, "409") == 0 ? JF_LOG_DEBUG : JF_LOG_WARN, "pull ended by the server",
-           JF_S("durable", d->name), JF_S("status", status), JF_S("description", desc));
-    if (desc != NULL && strstr(desc, "Consumer Deleted") != NULL)
+    jf_log(ps == JF_PULL_OTHER ? JF_LOG_WARN : JF_LOG_DEBUG, "pull ended by the server",
+           JF_S("durable", d->name), JF_S("status", status), JF_S("description", desc),
+           JF_S("kind", jf_pull_status_name(ps)));
+    if (ps == JF_PULL_CONSUMER_DELETED)
         d->silent = 2; /* triggers re-provisioning on the next tick */
     d->hold_until_ms = now_ms() + STATUS_HOLD_MS;
     close_pull(f, d, p);
@@ -831,6 +845,9 @@ void jf_fleet_destroy(jf_fleet *f)
      * same, so nothing answers for a fleet being torn down. */
     jf_metrics_destroy(f->metrics);
     f->metrics = NULL;
+    pthread_mutex_lock(&f->mu);
+    f->closing = true;
+    pthread_mutex_unlock(&f->mu);
     if (f->ready) {
         uv_handle_t *hs[] = {(uv_handle_t *)&f->async, (uv_handle_t *)&f->prepare,
                              (uv_handle_t *)&f->tick,  (uv_handle_t *)&f->stats,
@@ -861,20 +878,26 @@ void jf_fleet_destroy(jf_fleet *f)
             f->services[i].ops->destroy(f->services[i].impl);
         jf_breaker_destroy(f->services[i].breaker);
     }
-    /* Wait for nats.c's threads to end: after this no callback can push an
-     * event, so the queue below is final (this process has one fleet, and
-     * the library is not used after it). */
-    nats_CloseAndWait(2000);
+    /* Let closing handles (timers of cancelled jobs too) finish; nats.c's
+     * threads no longer touch the loop (f->closing). */
     if (f->loop.data == f) {
-        /* Let closing handles (timers of cancelled jobs too) finish. */
         uv_run(&f->loop, UV_RUN_NOWAIT);
         while (uv_loop_close(&f->loop) == UV_EBUSY)
             uv_run(&f->loop, UV_RUN_ONCE);
     }
-    /* Messages queued by NATS threads and never handled. */
+    /* Messages queued and never handled, and settled ones not yet
+     * destroyed, go while nats.c still runs: natsMsg_Destroy hands them to
+     * its garbage collector thread, which nats_CloseAndWait ends (after it
+     * they would leak). */
+    pthread_mutex_lock(&f->mu);
     for (size_t i = 0; i < f->q.len; i++)
         natsMsg_Destroy(f->q.v[i].msg);
+    f->q.len = 0;
+    pthread_mutex_unlock(&f->mu);
     empty_grave(f);
+    /* Wait for nats.c's threads to end (this process has one fleet, and
+     * the library is not used after it). */
+    nats_CloseAndWait(2000);
     free(f->grave);
     free(f->q.v);
     free(f->batch.v);

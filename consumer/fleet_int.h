@@ -90,6 +90,7 @@ struct jf_job {
     uint64_t delivered; /* the server's delivery count */
     unsigned attempt;   /* real attempts, this one included */
     int64_t progress_ms; /* last time the server heard of this job */
+    bool lease_lost;     /* once went ack_wait without a heartbeat (job.c lease_lost) */
     job_state state;
     int refs;            /* async callbacks still due (ledger, limits) */
     bool finished;       /* settled and unlinked; freed when refs == 0 */
@@ -145,6 +146,7 @@ struct jf_fleet {
     int64_t tick_ms;
 
     pthread_mutex_t mu;
+    bool closing; /* under mu: destroy has begun, NATS threads queue nothing more */
     evqueue q;     /* filled by NATS threads under mu */
     evqueue batch; /* swapped with q, drained on the loop */
 

@@ -67,6 +67,8 @@ typedef struct call {
     uint64_t received;
     bool too_large;
     bool no_memory;
+    bool sent;           /* the request went out once (CURLOPT_PREREQFUNCTION) */
+    bool resend_refused; /* curl wanted to send it again: aborted instead */
     bool has_retry_after;
     size_t retry_after_len;
     char retry_after[RETRY_AFTER_MAX];
@@ -172,11 +174,19 @@ static void transport_error(const http_svc *h, call *c, CURLcode rc, char *buf, 
     curl_easy_getinfo(c->easy, CURLINFO_OS_ERRNO, &os_errno);
     *fault = true;
 
+    if (c->resend_refused) {
+        snprintf(buf, cap, "connection lost before an answer (%s)", h->target);
+        return;
+    }
     switch (rc) {
     case CURLE_OPERATION_TIMEDOUT: {
         curl_off_t connected_us = 0, total_us = 0;
         curl_easy_getinfo(c->easy, CURLINFO_CONNECT_TIME_T, &connected_us);
         curl_easy_getinfo(c->easy, CURLINFO_TOTAL_TIME_T, &total_us);
+        /* A reused connection has no connect time: c->sent says the
+         * request went out on some connection. */
+        if (c->sent)
+            connected_us = connected_us > 0 ? connected_us : 1;
         if (connected_us == 0 && total_us / 1000 < h->timeout_ms)
             snprintf(buf, cap, "connect timeout after %ld ms (%s)", h->connect_timeout_ms,
                      h->target);
@@ -455,6 +465,27 @@ static size_t on_header(char *data, size_t size, size_t nmemb, void *userp)
     return n;
 }
 
+/* libcurl silently sends a request again on a fresh connection when a
+ * reused one dies before any byte of the answer (up to 5 times). The service
+ * may have acted on the first copy, and the copies would be calls no attempt
+ * counted (ledger, Jetfleet-Attempt, rate limit): the second send is refused
+ * and the attempt fails retryably instead. */
+static int on_prereq(void *userp, char *conn_primary_ip, char *conn_local_ip, int conn_primary_port,
+                     int conn_local_port)
+{
+    call *c = userp;
+    (void)conn_primary_ip;
+    (void)conn_local_ip;
+    (void)conn_primary_port;
+    (void)conn_local_port;
+    if (c->sent) {
+        c->resend_refused = true;
+        return CURL_PREREQFUNC_ABORT;
+    }
+    c->sent = true;
+    return CURL_PREREQFUNC_OK;
+}
+
 /* ---- the handler ------------------------------------------------------- */
 
 static void fail_now(jf_job *job, const char *error)
@@ -489,6 +520,8 @@ static bool setup_easy(http_svc *h, call *c, const void *body, size_t len)
     SET(CURLOPT_HEADERFUNCTION, on_header);
     SET(CURLOPT_HEADERDATA, c);
     SET(CURLOPT_ERRORBUFFER, c->errbuf);
+    SET(CURLOPT_PREREQFUNCTION, on_prereq);
+    SET(CURLOPT_PREREQDATA, c);
     if (svc->max_response >= 0)
         SET(CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)svc->max_response);
     if (h->https) {

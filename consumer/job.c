@@ -28,6 +28,7 @@
 #include <string.h>
 
 #include "fleet_int.h"
+#include "jsmsg.h"
 #include "log.h"
 #include "rfc3339.h"
 
@@ -45,27 +46,27 @@ static void count(const jf_job *job, jf_metrics_outcome o)
     jf_metrics_job(job->f->metrics, job->d->idx / JF_PRIO_COUNT, job->d->prio, o);
 }
 
+/* snprintf(dst, cap, "%s", src) without the formatting machinery (this
+ * runs a few times per job); NULL copies as "". */
+static void copy_text(char *dst, size_t cap, const char *src)
+{
+    size_t n = src != NULL ? strnlen(src, cap - 1) : 0;
+    memcpy(dst, src != NULL ? src : "", n);
+    dst[n] = '\0';
+}
+
 static void advance(jf_job *job);
 static void ask_rate(jf_job *job);
 static void dead_letter(jf_job *job, jf_dl_reason reason, const char *error);
 
 /* ---- acks ------------------------------------------------------------ */
 
-/* The stream sequence in an ack subject: $JS.ACK.<stream>.<consumer>.
- * <delivered>.<sseq>.… (9 tokens) or with domain and account hash in front
- * (11 or 12); 0 when it is neither. */
+/* The stream sequence in an ack subject; 0 when it is not one. */
 static uint64_t ack_seq(const char *reply)
 {
-    const char *tok[12];
-    int n = 0;
-    for (const char *p = reply; p != NULL; n++) {
-        if (n < 12)
-            tok[n] = p;
-        p = strchr(p, '.');
-        p = p ? p + 1 : NULL;
-    }
-    int at = n == 9 ? 5 : (n == 11 || n == 12) ? 7 : -1;
-    return at < 0 ? 0 : strtoull(tok[at], NULL, 10);
+    jf_ack_meta meta;
+    jf_error err;
+    return jf_ack_meta_parse(&meta, reply, strlen(reply), &err) == JF_OK ? meta.stream_seq : 0;
 }
 
 static void publish_ack(jf_fleet *f, const char *reply, const char *body)
@@ -200,39 +201,102 @@ static void start_timer(jf_job *job, int64_t ms, uv_timer_cb cb)
 
 /* ---- dead letters -------------------------------------------------------- */
 
-static void send_dead_letter(jf_job *job)
-{
-    natsStatus s = natsConnection_PublishMsg(job->f->nc, job->dl_msg);
-    job->dl_sent_ms = now_ms();
-    if (s != NATS_OK)
-        log_job(JF_LOG_WARN, "dead-letter publish failed; will retry", job, "error",
-                natsStatus_GetText(s));
-}
-
-static void dead_letter(jf_job *job, jf_dl_reason reason, const char *error)
+/* Builds job->dl_msg. Without the body when the original, which fitted
+ * max_payload alone, no longer fits with the dead-letter headers: a dead
+ * letter that can never be stored would hold the job (and its in-flight
+ * slot) forever. The original stays in the stream at the seq the headers
+ * name, and the error says so. */
+static jf_status build_dead_letter(jf_job *job, bool with_body, jf_error *err)
 {
     jf_fleet *f = job->f;
-    char reply[192];
-    jf_error err;
+    char reply[192], note[sizeof job->error + 192];
+    const int len = natsMsg_GetDataLength(job->msg);
+    const char *error = job->error;
+    natsMsg *m = NULL;
 
-    if (error != job->error)
-        snprintf(job->error, sizeof job->error, "%s", error ? error : "");
-    job->state = JS_SETTLING;
-    job->dl_reason = reason;
-    job->dl_id = ++f->next_dl_id;
     snprintf(reply, sizeof reply, "%s.d.%" PRIu64, f->inbox, job->dl_id);
+    if (!with_body) {
+        snprintf(note, sizeof note,
+                 "%s [body of %d bytes left out: with the dead-letter headers it exceeds "
+                 "max_payload; the original is %s seq %" PRIu64 "]",
+                 job->error, len, job->stream, job->seq);
+        error = note;
+    }
     jf_dl_info info = {
-        .reason = reason,
-        .error = job->error,
+        .reason = job->dl_reason,
+        .error = error,
         .deliveries = job->attempt ? job->attempt : job->delivered,
         .stream = job->stream,
         .stream_seq = job->seq,
         .subject = natsMsg_GetSubject(job->msg),
         .failed_at_ms = now_ms(),
     };
-    if (jf_dl_message(&job->dl_msg, &info, natsMsg_GetData(job->msg),
-                      natsMsg_GetDataLength(job->msg), reply, &err) != JF_OK) {
-        /* Cannot build it (absurd subject): leave the job to redelivery
+    jf_status st = jf_dl_message(&m, &info, with_body ? natsMsg_GetData(job->msg) : NULL,
+                                 with_body ? len : 0, reply, err);
+    if (st == JF_OK && !with_body) {
+        /* Tells tools (dlq redrive) that this body is not the job's. */
+        char num[24];
+        snprintf(num, sizeof num, "%d", len);
+        if (natsMsgHeader_Set(m, "Jetfleet-Body-Omitted", num) != NATS_OK) {
+            natsMsg_Destroy(m);
+            jf_error_set(err, "dead letter for seq %" PRIu64 ": out of memory", job->seq);
+            st = JF_ERR_NOMEM;
+        }
+    }
+    if (st == JF_OK) {
+        natsMsg_Destroy(job->dl_msg);
+        job->dl_msg = m;
+    }
+    return st;
+}
+
+static void send_dead_letter(jf_job *job)
+{
+    jf_error err;
+    natsStatus s = natsConnection_PublishMsg(job->f->nc, job->dl_msg);
+    if (s == NATS_MAX_PAYLOAD && natsMsg_GetDataLength(job->dl_msg) > 0 &&
+        build_dead_letter(job, false, &err) == JF_OK)
+        s = natsConnection_PublishMsg(job->f->nc, job->dl_msg);
+    job->dl_sent_ms = now_ms();
+    if (s != NATS_OK)
+        log_job(JF_LOG_WARN, "dead-letter publish failed; will retry", job, "error",
+                natsStatus_GetText(s));
+}
+
+/* No heartbeat for (nearly) ack_wait: the process was paused or starved,
+ * and the server may have given the job to another process. Our clock
+ * starts after the server's, hence the margin. */
+static bool lease_lost(jf_job *job, int64_t now)
+{
+    int64_t ack_wait = job->d->svc->cfg->ack_wait_ms;
+    if (now - job->progress_ms >= ack_wait - ack_wait / 8)
+        job->lease_lost = true;
+    return job->lease_lost;
+}
+
+static void dead_letter(jf_job *job, jf_dl_reason reason, const char *error)
+{
+    jf_fleet *f = job->f;
+    jf_error err;
+
+    if (error != job->error)
+        copy_text(job->error, sizeof job->error, error);
+    if (lease_lost(job, now_ms())) {
+        /* Another process may have dead-lettered it meanwhile, and once the
+         * duplicate window has passed the server would store ours as a
+         * second dead letter. Hand it back: its next delivery decides
+         * again (the ledger, or the delivery count, knows the attempts). */
+        log_job(JF_LOG_WARN, "held past ack_wait; handing the job back instead of dead-lettering",
+                job, "error", job->error);
+        jf_job_nak(f, job->reply, 0);
+        finish(job);
+        return;
+    }
+    job->state = JS_SETTLING;
+    job->dl_reason = reason;
+    job->dl_id = ++f->next_dl_id;
+    if (build_dead_letter(job, true, &err) != JF_OK) {
+        /* Cannot build it (out of memory): leave the job to redelivery
          * rather than lose it, and say so loudly. */
         log_job(JF_LOG_ERROR, "cannot dead-letter job; leaving it for redelivery", job, "error",
                 err.msg);
@@ -410,7 +474,7 @@ void jf_job_finish(jf_job *job, const jf_job_result *r)
     job->outcome = r->outcome;
     job->retry_after_ms = r->retry_after_ms;
     job->result = r->result;
-    snprintf(job->error, sizeof job->error, "%s", r->error ? r->error : "");
+    copy_text(job->error, sizeof job->error, r->error);
 
     switch (r->outcome) {
     case JF_OUTCOME_OK:
@@ -681,35 +745,37 @@ void jf_job_release_waiting(jf_fleet *f, service_rt *s)
 
 void jf_job_start(jf_fleet *f, durable *d, natsMsg *m)
 {
-    jsMsgMetaData *meta = NULL;
+    jf_ack_meta meta;
     jf_error err;
+    const char *reply = natsMsg_GetReply(m);
 
-    if (natsMsg_GetMetaData(&meta, m) != NATS_OK) {
+    if (reply == NULL || jf_ack_meta_parse(&meta, reply, strlen(reply), &err) != JF_OK) {
         /* Not a JetStream delivery (no ack subject): nothing to settle. */
         jf_log(JF_LOG_ERROR, "message without JetStream metadata dropped",
-               JF_S("subject", natsMsg_GetSubject(m)), JF_S("durable", d->name));
-        natsMsg_Destroy(m);
+               JF_S("subject", natsMsg_GetSubject(m)), JF_S("durable", d->name),
+               JF_S("error", reply == NULL ? "no reply subject" : err.msg));
+        jf_fleet_bury(f, m);
         return;
     }
     jf_job *job = calloc(1, sizeof *job);
     if (job == NULL) {
-        jsMsgMetaData_Destroy(meta);
-        jf_job_nak(f, natsMsg_GetReply(m), 1000);
-        natsMsg_Destroy(m);
+        jf_job_nak(f, reply, 1000);
+        jf_fleet_bury(f, m);
         return;
     }
     job->f = f;
     job->d = d;
     job->msg = m;
-    job->reply = natsMsg_GetReply(m);
-    job->seq = meta->Sequence.Stream;
-    job->delivered = meta->NumDelivered;
+    job->reply = reply;
+    job->seq = meta.stream_seq;
+    job->delivered = meta.delivered;
     if (job->delivered > 1)
         jf_metrics_redelivery(f->metrics, d->idx / JF_PRIO_COUNT, d->prio);
-    d->backlog = (int64_t)meta->NumPending;
+    d->backlog = meta.pending > INT64_MAX ? INT64_MAX : (int64_t)meta.pending;
     d->busy = d->backlog > 0;
-    snprintf(job->stream, sizeof job->stream, "%s", meta->Stream ? meta->Stream : "");
-    jsMsgMetaData_Destroy(meta);
+    size_t sn = meta.stream_len < sizeof job->stream ? meta.stream_len : sizeof job->stream - 1;
+    memcpy(job->stream, meta.stream, sn);
+    job->stream[sn] = '\0';
     job->progress_ms = now_ms();
     job->next = &f->jobs;
     job->prev = f->jobs.prev;
@@ -750,6 +816,7 @@ void jf_job_tick(jf_fleet *f, int64_t now)
         /* In-progress heartbeats keep the server from redelivering a job
          * that is still being worked on (or waiting its turn). */
         int64_t ack_wait = j->d->svc->cfg->ack_wait_ms;
+        (void)lease_lost(j, now); /* noted before the heartbeat hides the gap */
         if (now - j->progress_ms >= ack_wait / 2) {
             publish_ack(f, j->reply, "+WPI");
             j->progress_ms = now;

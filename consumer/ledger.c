@@ -14,7 +14,9 @@
  * message's stream_seq so that its redeliveries are plain attempts), which
  * resets the row to running and reports running: the job is run again.
  *
- * finish never touches a succeeded row (the WHERE of DO UPDATE); it inserts
+ * finish never touches a succeeded or dead row (the WHERE of DO UPDATE): a
+ * late outcome of a delivery that outlived ack_wait (a paused process) must
+ * not turn a dead-lettered job back to running or succeeded; it inserts
  * the row of a job dead-lettered before any call (attempts 0). */
 #include "ledger.h"
 
@@ -79,7 +81,7 @@ static const char SQL_FINISH[] =
     "  stream_seq = EXCLUDED.stream_seq,"
     "  finished_at = EXCLUDED.finished_at,"
     "  updated_at = now()"
-    " WHERE j.status <> 'succeeded'";
+    " WHERE j.status NOT IN ('succeeded', 'dead')";
 
 /* The same two statements for many jobs at once (see "batches" below):
  * arrays of the single-row parameters, unnested into rows. A replay is told
@@ -129,7 +131,7 @@ static const char SQL_FINISH_MANY[] =
     "  stream_seq = EXCLUDED.stream_seq,"
     "  finished_at = EXCLUDED.finished_at,"
     "  updated_at = now()"
-    " WHERE j.status <> 'succeeded'";
+    " WHERE j.status NOT IN ('succeeded', 'dead')";
 
 static const jf_pg_statement STATEMENTS[] = {
     {STMT_BEGIN, SQL_BEGIN},

@@ -67,7 +67,8 @@ void jf_ledger_begin(jf_ledger *l, const jf_ledger_job *job, jf_ledger_begin_cb 
 
 /* After the outcome: status succeeded (with result), dead (with error), or
  * running (a failed attempt, with error, to be retried). A row that is
- * already succeeded is never changed. The row is committed when cb sees
+ * already succeeded or dead is never changed (only begin's replay reset
+ * reopens one). The row is committed when cb sees
  * JF_OK — only then may the job be acknowledged. For a job with no row yet
  * (dead-lettered before any call) the row is inserted. */
 typedef void (*jf_ledger_done_cb)(void *arg, jf_status st, const char *error);

@@ -510,6 +510,12 @@ static void work_cb(uv_work_t *req)
         rate_work(w, true);
     else
         inflight_work(w, true);
+    /* A libuv pool thread is not one of nats.c's: the error state a failed
+     * KV call left in its thread-local storage must be released here (see
+     * nats_ReleaseThreadMemory), as the pool outlives nats_Close and the
+     * key's destructor never runs for it. Before done: after it, the fleet
+     * may already be closing the library. */
+    nats_ReleaseThreadMemory();
     /* Last touch of lim: destroy may free it as soon as it sees done. */
     pthread_mutex_lock(&lim->mu);
     w->done = true;

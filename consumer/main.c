@@ -37,7 +37,7 @@ static const char usage[] =
     "  --config FILE       configuration file (default: ./jetfleet.ini when present)\n"
     "  --service NAME      serve only this [service.NAME] (repeatable; default: all)\n"
     "  --no-provision      do not create streams or durables; fail if missing\n"
-    "  --log-level LEVEL   debug, info, warn, error (overrides [log] level)\n"
+    "  --log-level LEVEL   debug, info, warn, error or off (overrides [log] level)\n"
     "  --help              show this help and exit\n"
     "  --version           show the version and exit\n"
     "\n"
@@ -86,8 +86,17 @@ int main(int argc, char **argv)
             printf("jetfleet-consumer %s (nats.c %s)\n", JETFLEET_VERSION, nats_GetVersion());
             return 0;
         default:
-            fprintf(stderr, "jetfleet-consumer: unknown or incomplete option '%s'\n%s",
-                    argv[optind - 1], "Try 'jetfleet-consumer --help'.\n");
+            /* In a cluster ("-xh") getopt has not moved past it yet:
+             * optopt names the letter. */
+            if (optopt > 0 && optopt < 128 &&
+                ((argv[optind - 1][0] == '-' && argv[optind - 1][1] != '-') ||
+                 (optind < argc && argv[optind][0] == '-' && argv[optind][1] != '-' &&
+                  strchr(argv[optind], optopt) != NULL)))
+                fprintf(stderr, "jetfleet-consumer: unknown or incomplete option '-%c'\n%s",
+                        optopt, "Try 'jetfleet-consumer --help'.\n");
+            else
+                fprintf(stderr, "jetfleet-consumer: unknown or incomplete option '%s'\n%s",
+                        argv[optind - 1], "Try 'jetfleet-consumer --help'.\n");
             return 2;
         }
     }
@@ -107,7 +116,7 @@ int main(int argc, char **argv)
     if (log_level != NULL) {
         jf_log_level lvl;
         if (jf_log_level_parse(&lvl, log_level) != JF_OK) {
-            fprintf(stderr, "jetfleet-consumer: --log-level %s: expected debug, info, warn or error\n",
+            fprintf(stderr, "jetfleet-consumer: --log-level %s: expected debug, info, warn, error or off\n",
                     log_level);
             jf_config_destroy(cfg);
             return 2;

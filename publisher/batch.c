@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "duration.h"
@@ -337,7 +338,7 @@ int jf_cmd_batch(int argc, char **argv, const jf_pub_globals *g)
         case ':':
             return jf_pub_usage_error("batch", "option %s needs a value", argv[optind - 1]);
         default:
-            return jf_pub_usage_error("batch", "unknown option %s", argv[optind - 1]);
+            return jf_pub_usage_error("batch", "unknown option %s", jf_pub_bad_option(argc, argv));
         }
     }
     if (wait_timeout_ms > 0 && !wait)
@@ -351,6 +352,14 @@ int jf_cmd_batch(int argc, char **argv, const jf_pub_globals *g)
         fd = STDIN_FILENO;
     } else if ((fd = open(path, O_RDONLY | O_CLOEXEC)) < 0) {
         return jf_pub_usage_error("batch", "cannot open %s: %s", path, strerror(errno));
+    } else {
+        /* open(2) takes a directory; refuse it here, as the usage error it
+         * is, rather than as a read failure after connecting. */
+        struct stat st;
+        if (fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
+            close(fd);
+            return jf_pub_usage_error("batch", "cannot read %s: %s", path, strerror(EISDIR));
+        }
     }
 
     if ((rc = jf_pub_session_load(&sess, g)) != JF_EXIT_OK)

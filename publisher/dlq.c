@@ -177,7 +177,7 @@ static int parse_filters(dlq_args *a, int argc, char **argv, const char *allowed
         if (c == ':')
             return jf_pub_usage_error(a->cmd, "option %s needs a value", argv[optind - 1]);
         if (c == '?')
-            return jf_pub_usage_error(a->cmd, "unknown option %s", argv[optind - 1]);
+            return jf_pub_usage_error(a->cmd, "unknown option %s", jf_pub_bad_option(argc, argv));
         const char *name = c == 'y' ? "yes" : NULL;
         for (size_t i = 0; name == NULL && longopts[i].name != NULL; i++)
             if (longopts[i].val == c)
@@ -479,7 +479,7 @@ static int cmd_show(int argc, char **argv, const jf_pub_globals *g)
             usage_show(stdout);
             return JF_EXIT_OK;
         }
-        return jf_pub_usage_error("dlq show", "unknown option %s", argv[optind - 1]);
+        return jf_pub_usage_error("dlq show", "unknown option %s", jf_pub_bad_option(argc, argv));
     }
     if (optind >= argc)
         return jf_pub_usage_error("dlq show", "missing SEQ");
@@ -585,6 +585,16 @@ static void redrive_one(redrive_run *r, const dlq_args *a, entry *e)
         r->skipped++;
         jf_log(JF_LOG_WARN, "skipped: no usable Jetfleet-Subject header", JF_I("seq", e->seq),
                JF_S("subject", natsMsg_GetSubject(e->m)), JF_S("original_subject", subject));
+        return;
+    }
+    const char *omitted = NULL;
+    if (natsMsgHeader_Get(e->m, "Jetfleet-Body-Omitted", &omitted) == NATS_OK) {
+        /* Too big to carry: the job is still in its stream, at the seq the
+         * headers name; re-driving the empty body would lose that pointer. */
+        r->skipped++;
+        jf_log(JF_LOG_WARN, "skipped: the dead letter does not hold the job's body; replay it",
+               JF_I("seq", e->seq), JF_S("subject", subject), JF_S("body_bytes", omitted),
+               JF_S("original_seq", e->stream_seq));
         return;
     }
     if (a->dry_run) {

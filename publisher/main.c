@@ -64,6 +64,22 @@ int jf_pub_usage_error(const char *cmd, const char *fmt, ...)
     return JF_EXIT_USAGE;
 }
 
+const char *jf_pub_bad_option(int argc, char **argv)
+{
+    static char letter[3] = "-?";
+    /* Inside a cluster getopt has not moved optind past it yet, so
+     * argv[optind - 1] is the argument before it; optopt names the letter. */
+    const char *prev = argv[optind - 1];
+    const char *cur = optind < argc ? argv[optind] : NULL;
+    if (optopt > 0 && optopt < 128 &&
+        ((prev[0] == '-' && prev[1] != '-') ||
+         (cur != NULL && cur[0] == '-' && cur[1] != '-' && strchr(cur, optopt) != NULL))) {
+        letter[1] = (char)optopt;
+        return letter;
+    }
+    return prev;
+}
+
 int jf_pub_session_load(jf_pub_session *s, const jf_pub_globals *g)
 {
     jf_error err = {{0}};
@@ -205,7 +221,7 @@ int main(int argc, char **argv)
         case ':':
             return jf_pub_usage_error(NULL, "option %s needs a value", argv[optind - 1]);
         default:
-            return jf_pub_usage_error(NULL, "unknown option %s", argv[optind - 1]);
+            return jf_pub_usage_error(NULL, "unknown option %s", jf_pub_bad_option(argc, argv));
         }
     }
     if (optind >= argc)

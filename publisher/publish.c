@@ -249,7 +249,7 @@ int jf_cmd_publish(int argc, char **argv, const jf_pub_globals *g)
         case ':':
             return jf_pub_usage_error("publish", "option %s needs a value", argv[optind - 1]);
         default:
-            return jf_pub_usage_error("publish", "unknown option %s", argv[optind - 1]);
+            return jf_pub_usage_error("publish", "unknown option %s", jf_pub_bad_option(argc, argv));
         }
     }
     if (a.service == NULL)
@@ -287,6 +287,18 @@ int jf_cmd_publish(int argc, char **argv, const jf_pub_globals *g)
         a.payload++, a.payload_len--;
     while (a.payload_len > 0 && memchr(" \t\r\n", a.payload[a.payload_len - 1], 4) != NULL)
         a.payload_len--;
+    /* jansson words these badly (a NUL reads as "end of file", a byte order
+     * mark is quoted invisibly); neither is ever valid JSON text. */
+    const char *nul = memchr(a.payload, '\0', a.payload_len);
+    if (nul != NULL) {
+        jf_pub_usage_error("publish", "payload: not valid JSON: NUL byte at byte %zu",
+                           (size_t)(nul - a.payload));
+        goto out;
+    }
+    if (a.payload_len >= 3 && memcmp(a.payload, "\xEF\xBB\xBF", 3) == 0) {
+        jf_pub_usage_error("publish", "payload: not valid JSON: starts with a UTF-8 byte order mark");
+        goto out;
+    }
     json_error_t jerr;
     json_t *pj =
         json_loadb(a.payload, a.payload_len, JSON_DECODE_ANY | JSON_REJECT_DUPLICATES, &jerr);

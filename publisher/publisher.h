@@ -57,6 +57,10 @@ void jf_pub_session_close(jf_pub_session *s);
  * returns JF_EXIT_USAGE. */
 int jf_pub_usage_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
+/* The option getopt_long has just refused with '?': "-x" for an unknown
+ * letter (also inside a cluster such as -xV), else the argument as given. */
+const char *jf_pub_bad_option(int argc, char **argv);
+
 /* After jf_pub_catch_signals, the first SIGINT/SIGTERM only sets a flag
  * (jf_pub_interrupted) so a long command can stop reading input and finish
  * what is in flight; a second one ends the process. The flag is the only

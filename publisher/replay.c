@@ -747,7 +747,7 @@ static int parse_args(replay_args *a, int argc, char **argv)
         case ':':
             return jf_pub_usage_error("replay", "option %s needs a value", argv[optind - 1]);
         default:
-            return jf_pub_usage_error("replay", "unknown option %s", argv[optind - 1]);
+            return jf_pub_usage_error("replay", "unknown option %s", jf_pub_bad_option(argc, argv));
         }
     }
     if (optind < argc)

@@ -163,7 +163,7 @@ typedef struct intake {
     unsigned char token_sha[SHA256_DIGEST_LENGTH];
     pgpool pool;
     atomic_bool stopping;
-    atomic_int busy; /* requests publishing or querying the ledger right now */
+    atomic_int busy; /* requests publishing or querying the ledger, or not yet answered */
     atomic_ullong requests, jobs_accepted;
 } intake;
 
@@ -185,6 +185,7 @@ typedef struct request {
     unsigned status;    /* answered with; 0 while none */
     const char *closed; /* why the connection was closed without an answer */
     size_t njobs;
+    bool busy; /* counted in intake.busy until on_completed */
 } request;
 
 /* One envelope of a POST. */
@@ -938,15 +939,18 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     case R_HEALTHZ:
         ret = handle_healthz(in, r, conn);
         break;
+    /* Busy until on_completed, not until the handler returns: MHD writes the
+     * queued answer after that, and MHD_stop_daemon at shutdown would close
+     * the socket under it (the client would get no 202 for published jobs). */
     case R_POST_JOBS:
         atomic_fetch_add(&in->busy, 1);
+        r->busy = true;
         ret = handle_post(in, r, conn);
-        atomic_fetch_sub(&in->busy, 1);
         break;
     case R_GET_JOB:
         atomic_fetch_add(&in->busy, 1);
+        r->busy = true;
         ret = handle_get_job(in, r, conn, url + 6);
-        atomic_fetch_sub(&in->busy, 1);
         break;
     }
     r->route = R_ANSWERED;
@@ -959,6 +963,8 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     request *r = *con_cls;
     if (r == NULL)
         return;
+    if (r->busy)
+        atomic_fetch_sub(&((intake *)cls)->busy, 1);
     int64_t ms = jf_pub_mono_ms() - r->start_ms;
     if (r->status == 0)
         jf_log(JF_LOG_INFO, "request", JF_S("method", r->method), JF_S("path", r->path),
@@ -1036,7 +1042,7 @@ int jf_cmd_serve(int argc, char **argv, const jf_pub_globals *g)
         case ':':
             return jf_pub_usage_error("serve", "option %s needs a value", argv[optind - 1]);
         default:
-            return jf_pub_usage_error("serve", "unknown option %s", argv[optind - 1]);
+            return jf_pub_usage_error("serve", "unknown option %s", jf_pub_bad_option(argc, argv));
         }
     }
     if (optind < argc)

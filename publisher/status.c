@@ -340,7 +340,10 @@ static void print_table(const jf_config *cfg, const row *rows, size_t n, double 
         return;
     printf("\n");
     if (ledger_error != NULL) {
-        printf("ledger: %s\n", ledger_error);
+        /* The table says the ledger could not be read (the counts above
+         * still stand); the error already names the ledger. */
+        printf("%s%s\n", strncmp(ledger_error, "ledger: ", 8) == 0 ? "" : "ledger: ",
+               ledger_error);
         return;
     }
     printf("%-*s  %8s  %9s  %6s  %8s\n", w, "LEDGER", "RUNNING", "SUCCEEDED", "DEAD", "REPLAYED");
@@ -523,7 +526,7 @@ int jf_cmd_status(int argc, char **argv, const jf_pub_globals *g)
         case ':':
             return jf_pub_usage_error("status", "option %s needs a value", argv[optind - 1]);
         default:
-            return jf_pub_usage_error("status", "unknown option %s", argv[optind - 1]);
+            return jf_pub_usage_error("status", "unknown option %s", jf_pub_bad_option(argc, argv));
         }
     }
     if (argc - optind > 1)

@@ -70,12 +70,18 @@ def free_port():
         return s.getsockname()[1]
 
 
+# scripts/valgrind runs the programs 10-50x slower and sets this factor: every
+# wait_for deadline (so every program's startup wait too) is stretched by it.
+TIMEOUT_SCALE = float(os.environ.get("JETFLEET_TIMEOUT_SCALE") or "1")
+
+
 def wait_for(cond, timeout, what, interval=0.05, procs=()):
     """Polls cond() until it returns a truthy value, which is returned.
 
     Raises AssertionError naming `what` when `timeout` seconds pass first, or
     at once when one of `procs` (Popen) exits meanwhile: a crashed program
     should fail a test in seconds, not at its deadline."""
+    timeout *= TIMEOUT_SCALE
     deadline = time.monotonic() + timeout
     last_exc = None
     while True:

@@ -5,7 +5,10 @@
 - deploy/nats/accounts.conf on a real nats-server: the publisher and consumer
   users run the normal flow (jobs, a dead letter, the limits' KV bucket)
   without a single permission violation, and cannot do what they must not
-  (delete or purge a stream, publish outside their subjects);
+  (delete or purge a stream, publish outside their subjects, create or read
+  any consumer but the consumer user's own durables, read a stream's
+  messages directly); the durables accounts.conf names are exactly those of
+  the services in deploy/jetfleet.ini and the Kubernetes ConfigMap;
 - deploy/nats/cluster/n1..n3.conf run as they are (ports and data directories
   from the environment, as cluster.env sets them) as a three-node JetStream
   cluster; JOBS gets three replicas through jetfleet-publisher, a consumer
@@ -412,6 +415,84 @@ class TestNatsPermissions(ServersTestCase):
         self.assertEqual(self.admin.stream_info("JOBS")["state"]["messages"], 2)
         self.assertEqual(self.admin.stream_info("JOBS_DLQ")["state"]["messages"], 0)
 
+    def test_consumer_user_creates_no_other_consumer_and_reads_nothing_else(self):
+        self.provision_streams()
+        # A durable the admin made (an operator's, say): not the consumer's.
+        self.admin.js_api("CONSUMER.DURABLE.CREATE.JOBS.audit", {
+            "stream_name": "JOBS", "config": {"durable_name": "audit", "ack_policy": "explicit",
+                                              "filter_subject": "jobs.>"}})
+        c = self.client(self.nats.url, "consumer", self.passwords["consumer"])
+        spy = json.dumps({"stream_name": "JOBS", "config": {
+            "durable_name": "spy", "ack_policy": "explicit"}}).encode()
+        for subject, body in (
+                ("$JS.API.CONSUMER.DURABLE.CREATE.JOBS.spy", spy),      # a durable not in its config
+                ("$JS.API.CONSUMER.CREATE.JOBS", b'{"stream_name":"JOBS","config":{}}'),  # ephemeral
+                ("$JS.API.CONSUMER.CREATE.JOBS.spy", spy),              # the newer API's form
+                ("$JS.API.CONSUMER.CREATE.JOBS.spy.jobs.>", spy),
+                ("$JS.API.CONSUMER.DURABLE.CREATE.JOBS_DLQ.llm-normal", b"{}"),  # another stream
+                ("$JS.API.CONSUMER.MSG.NEXT.JOBS.audit", b'{"batch":1}'),  # another's messages
+                ("$JS.API.CONSUMER.INFO.JOBS.audit", b""),
+                ("$JS.ACK.JOBS.audit.1.1.1.1.0", b"+ACK"),
+                ("$JS.API.STREAM.MSG.GET.JOBS", b'{"seq":1}'),          # the stream's messages
+                ("$JS.API.DIRECT.GET.JOBS", b'{"seq":1}'),
+                ("$JS.API.STREAM.CREATE.OTHER", b'{"name":"OTHER","subjects":["other.>"]}'),
+                ("$JS.API.STREAM.LIST", b""),
+                ("orders.created", b"{}"), ("jobs.llm.normal.enrich", b"{}"),
+                ("$KV.other_bucket.k", b"v"), ("$SYS.REQ.SERVER.PING", b"")):
+            with self.subTest(subject=subject):
+                err = c.violation_after(lambda: c.request(subject, body, timeout=1))
+                self.assertIn('Permissions Violation for Publish to "%s"' % subject, err or "")
+        for subject in ("jobs.>", ">", "dlq.>"):
+            with self.subTest(subscribe=subject):
+                err = c.violation_after(lambda: c.subscribe(subject))
+                self.assertIn('Permissions Violation for Subscription to "%s"' % subject, err or "")
+        names = self.admin.js_api("CONSUMER.NAMES.JOBS").get("consumers") or []
+        self.assertEqual(sorted(names), ["audit"], "a consumer was created")
+        self.assertEqual(self.admin.consumer_info("JOBS", "audit")["num_pending"], 1,
+                         "the audit durable's job was taken")
+        self.assertFalse(self.admin.stream_exists("OTHER"))
+        # Its own durable it may create and pull from on the same connection.
+        own = c.js_api("CONSUMER.DURABLE.CREATE.JOBS.llm-normal", {
+            "stream_name": "JOBS", "config": {"durable_name": "llm-normal",
+                                              "ack_policy": "explicit",
+                                              "filter_subject": "jobs.llm.normal.>"}})
+        self.assertEqual(own["name"], "llm-normal")
+
+    def test_publisher_user_cannot_read_streams_or_create_consumers(self):
+        self.provision_streams()
+        self.admin.js_api("CONSUMER.DURABLE.CREATE.JOBS.work-normal", {
+            "stream_name": "JOBS", "config": {"durable_name": "work-normal",
+                                              "ack_policy": "explicit",
+                                              "filter_subject": "jobs.work.normal.>"}})
+        p = self.client(self.nats.url, "publisher", self.passwords["publisher"])
+        for subject, body in (
+                ("$JS.API.CONSUMER.CREATE.JOBS", b'{"stream_name":"JOBS","config":{}}'),
+                ("$JS.API.CONSUMER.CREATE.JOBS.spy.jobs.>", b"{}"),
+                ("$JS.API.CONSUMER.MSG.NEXT.JOBS.work-normal", b'{"batch":1}'),
+                ("$JS.API.CONSUMER.INFO.JOBS.work-normal", b""),
+                ("$JS.API.STREAM.MSG.GET.JOBS", b'{"seq":1}'),
+                ("$JS.API.DIRECT.GET.JOBS", b'{"seq":1}'),
+                ("$JS.API.DIRECT.GET.JOBS.jobs.work.normal.t", b""),
+                ("$JS.API.STREAM.MSG.GET.JOBS_DLQ", b'{"seq":1}'),
+                ("$JS.API.STREAM.CREATE.OTHER", b'{"name":"OTHER","subjects":["other.>"]}'),
+                ("$JS.API.STREAM.LIST", b""), ("$JS.API.STREAM.NAMES", b""),
+                ("$KV.jetfleet_limits.x", b"v")):
+            with self.subTest(subject=subject):
+                err = p.violation_after(lambda: p.request(subject, body, timeout=1))
+                self.assertIn('Permissions Violation for Publish to "%s"' % subject, err or "")
+        for subject in ("dlq.>", ">", "$JS.API.>"):
+            with self.subTest(subscribe=subject):
+                err = p.violation_after(lambda: p.subscribe(subject))
+                self.assertIn('Permissions Violation for Subscription to "%s"' % subject, err or "")
+        self.assertEqual(self.admin.consumer_info("JOBS", "work-normal")["num_pending"], 1)
+        self.assertEqual(sorted(self.admin.js_api("CONSUMER.NAMES.JOBS").get("consumers") or []),
+                         ["work-normal"])
+        # Publishing jobs still works on the same connection.
+        ack = p.js_publish("jobs.work.normal.t",
+                           b'{"id":"y","service":"work","type":"t","payload":{}}',
+                           headers={"Nats-Msg-Id": "y"})
+        self.assertEqual((ack["stream"], ack["seq"]), ("JOBS", 2))
+
     def test_wrong_password_is_refused(self):
         cfg = write_config(self.tmp, make_config(self.nats.url))
         env = dict(self.as_user("publisher"), JETFLEET_NATS_PASSWORD="not-the-password")
@@ -422,6 +503,30 @@ class TestNatsPermissions(ServersTestCase):
         self.assertNotIn(b"not-the-password", cp.stderr)
         with self.assertRaises(ConnectionError):
             AuthNatsClient(self.nats.url, "consumer", "not-the-password").close()
+
+
+class TestNatsPermissionsMatchServices(unittest.TestCase):
+    """The consumer user's durables are listed by name in accounts.conf:
+    exactly the three of every service the deployed configs declare."""
+
+    def test_durables_of_accounts_conf_are_the_configs_services(self):
+        conf = read(deploy_path("nats", "accounts.conf"))
+        allowed = {}
+        for prefix in ("$JS.API.CONSUMER.INFO.JOBS.", "$JS.API.CONSUMER.DURABLE.CREATE.JOBS.",
+                       "$JS.API.CONSUMER.MSG.NEXT.JOBS."):
+            allowed[prefix] = set(re.findall(r'"%s([\w-]+)"' % re.escape(prefix), conf))
+        allowed["ack"] = set(re.findall(r'"\$JS\.ACK\.JOBS\.([\w-]+)\.>"', conf))
+        inis = [read(deploy_path("jetfleet.ini"))]
+        if yaml is not None:
+            cm = [d for d in load_yaml(deploy_path("k8s", "configmap.yaml"))
+                  if d.get("kind") == "ConfigMap"]
+            inis.append(cm[0]["data"]["jetfleet.ini"])
+        for ini in inis:
+            services = re.findall(r"(?m)^\s*\[service\.([\w-]+)\]", ini)
+            self.assertTrue(services)
+            want = {"%s-%s" % (s, p) for s in services for p in ("high", "normal", "low")}
+            for what, names in allowed.items():
+                self.assertEqual(names, want, what)
 
 
 # ---------------------------------------------------------------------------

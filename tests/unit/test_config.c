@@ -399,6 +399,23 @@ static void test_env_bad_values(void **state)
     m = load_fail("", JF_ERR_INVALID);
     assert_msg_has(m, "environment JETFLEET_NATS_NAME: longer than");
     unsetenv("JETFLEET_NATS_NAME");
+
+    /* A misspelt key under a known section is a typo, not silence. */
+    setenv("JETFLEET_NATS_PASWORD", "s3cret-typo", 1);
+    m = load_fail("", JF_ERR_INVALID);
+    assert_string_equal(m, "environment JETFLEET_NATS_PASWORD: no such key in [nats] (a typo?)");
+    unsetenv("JETFLEET_NATS_PASWORD");
+    setenv("JETFLEET_SERVICE_LLM_TIMOUT", "5s", 1);
+    m = load_fail("[service.llm]\nkind = noop\n", JF_ERR_INVALID);
+    assert_string_equal(
+        m, "environment JETFLEET_SERVICE_LLM_TIMOUT: no such key in [service.llm] (a typo?)");
+    unsetenv("JETFLEET_SERVICE_LLM_TIMOUT");
+    /* A key of another service whose name extends this one's is fine. */
+    setenv("JETFLEET_SERVICE_LLM_X_TIMEOUT", "5s", 1);
+    jf_config *c = load_ok("[service.llm]\nkind = noop\n[service.llm_x]\nkind = noop\n");
+    assert_int_equal(jf_config_service(c, "llm_x")->timeout_ms, 5000);
+    jf_config_destroy(c);
+    unsetenv("JETFLEET_SERVICE_LLM_X_TIMEOUT");
 }
 
 static void test_error_names_file_line_key(void **state)
