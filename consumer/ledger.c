@@ -46,26 +46,42 @@
  * right-hand sides all read the row as it was before the update. */
 #define SQL_REPLAY_RESET "($7::boolean AND j.stream_seq IS DISTINCT FROM EXCLUDED.stream_seq)"
 
+/* What begin does to an existing row; R says whether this delivery resets
+ * it (a replay's first delivery). */
+#define SQL_BEGIN_CONFLICT(R)                                                                      \
+    " ON CONFLICT (job_id) DO UPDATE SET"                                                          \
+    "  attempts = CASE WHEN " R " THEN 1"                                                          \
+    "                  WHEN j.status IN ('succeeded', 'dead') THEN j.attempts"                     \
+    "                  ELSE j.attempts + 1 END,"                                                   \
+    "  replays = CASE WHEN " R " THEN j.replays + 1 ELSE j.replays END,"                          \
+    "  replayed_at = CASE WHEN " R " THEN now() ELSE j.replayed_at END,"                          \
+    "  error = CASE WHEN " R " THEN NULL ELSE j.error END,"                                        \
+    "  finished_at = CASE WHEN " R " THEN NULL ELSE j.finished_at END,"                           \
+    "  status = CASE WHEN " R " THEN 'running'"                                                    \
+    "                WHEN j.status IN ('succeeded', 'dead') THEN j.status ELSE 'running' END,"    \
+    "  stream_seq = CASE WHEN " R " THEN EXCLUDED.stream_seq"                                      \
+    "                    WHEN j.status IN ('succeeded', 'dead') THEN j.stream_seq"                 \
+    "                    ELSE EXCLUDED.stream_seq END,"                                            \
+    "  updated_at = CASE WHEN " R " OR j.status NOT IN ('succeeded', 'dead')"                     \
+    "                    THEN now() ELSE j.updated_at END"
+
+/* What finish does to an existing row: never touch a final one. */
+#define SQL_FINISH_CONFLICT                                                                        \
+    " ON CONFLICT (job_id) DO UPDATE SET"                                                          \
+    "  status = EXCLUDED.status,"                                                                  \
+    "  result = EXCLUDED.result,"                                                                  \
+    "  error = EXCLUDED.error,"                                                                    \
+    "  stream_seq = EXCLUDED.stream_seq,"                                                          \
+    "  finished_at = EXCLUDED.finished_at,"                                                        \
+    "  updated_at = now()"                                                                         \
+    " WHERE j.status NOT IN ('succeeded', 'dead')"
+
 static const char SQL_BEGIN[] =
     "INSERT INTO jetfleet_jobs AS j (job_id, service, priority, type, tenant, status, attempts,"
     " stream_seq, replays, replayed_at)"
     " VALUES ($1::text, $2::text, coalesce($3::text, 'normal'), $4::text, $5::text, 'running', 1,"
     " $6::bigint, CASE WHEN $7::boolean THEN 1 ELSE 0 END, CASE WHEN $7::boolean THEN now() END)"
-    " ON CONFLICT (job_id) DO UPDATE SET"
-    "  attempts = CASE WHEN " SQL_REPLAY_RESET " THEN 1"
-    "                  WHEN j.status IN ('succeeded', 'dead') THEN j.attempts"
-    "                  ELSE j.attempts + 1 END,"
-    "  replays = CASE WHEN " SQL_REPLAY_RESET " THEN j.replays + 1 ELSE j.replays END,"
-    "  replayed_at = CASE WHEN " SQL_REPLAY_RESET " THEN now() ELSE j.replayed_at END,"
-    "  error = CASE WHEN " SQL_REPLAY_RESET " THEN NULL ELSE j.error END,"
-    "  finished_at = CASE WHEN " SQL_REPLAY_RESET " THEN NULL ELSE j.finished_at END,"
-    "  status = CASE WHEN " SQL_REPLAY_RESET " THEN 'running'"
-    "                WHEN j.status IN ('succeeded', 'dead') THEN j.status ELSE 'running' END,"
-    "  stream_seq = CASE WHEN " SQL_REPLAY_RESET " THEN EXCLUDED.stream_seq"
-    "                    WHEN j.status IN ('succeeded', 'dead') THEN j.stream_seq"
-    "                    ELSE EXCLUDED.stream_seq END,"
-    "  updated_at = CASE WHEN " SQL_REPLAY_RESET " OR j.status NOT IN ('succeeded', 'dead')"
-    "                    THEN now() ELSE j.updated_at END"
+    SQL_BEGIN_CONFLICT(SQL_REPLAY_RESET)
     " RETURNING (j.xmax = 0) AS inserted, j.status, j.attempts";
 
 static const char SQL_FINISH[] =
@@ -74,14 +90,7 @@ static const char SQL_FINISH[] =
     " VALUES ($1::text, $2::text, coalesce($3::text, 'normal'), $4::text, $5::text, $6::text, 0,"
     " $7::jsonb, $8::text, $9::bigint,"
     " CASE WHEN $6::text IN ('succeeded', 'dead') THEN now() END)"
-    " ON CONFLICT (job_id) DO UPDATE SET"
-    "  status = EXCLUDED.status,"
-    "  result = EXCLUDED.result,"
-    "  error = EXCLUDED.error,"
-    "  stream_seq = EXCLUDED.stream_seq,"
-    "  finished_at = EXCLUDED.finished_at,"
-    "  updated_at = now()"
-    " WHERE j.status NOT IN ('succeeded', 'dead')";
+    SQL_FINISH_CONFLICT;
 
 /* The same two statements for many jobs at once (see "batches" below):
  * arrays of the single-row parameters, unnested into rows. A replay is told
@@ -98,21 +107,7 @@ static const char SQL_BEGIN_MANY[] =
     " u.stream_seq, CASE WHEN u.replay THEN 1 ELSE 0 END, CASE WHEN u.replay THEN now() END"
     " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[],"
     " $7::boolean[]) AS u(job_id, service, priority, type, tenant, stream_seq, replay)"
-    " ON CONFLICT (job_id) DO UPDATE SET"
-    "  attempts = CASE WHEN " SQL_REPLAY_RESET_MANY " THEN 1"
-    "                  WHEN j.status IN ('succeeded', 'dead') THEN j.attempts"
-    "                  ELSE j.attempts + 1 END,"
-    "  replays = CASE WHEN " SQL_REPLAY_RESET_MANY " THEN j.replays + 1 ELSE j.replays END,"
-    "  replayed_at = CASE WHEN " SQL_REPLAY_RESET_MANY " THEN now() ELSE j.replayed_at END,"
-    "  error = CASE WHEN " SQL_REPLAY_RESET_MANY " THEN NULL ELSE j.error END,"
-    "  finished_at = CASE WHEN " SQL_REPLAY_RESET_MANY " THEN NULL ELSE j.finished_at END,"
-    "  status = CASE WHEN " SQL_REPLAY_RESET_MANY " THEN 'running'"
-    "                WHEN j.status IN ('succeeded', 'dead') THEN j.status ELSE 'running' END,"
-    "  stream_seq = CASE WHEN " SQL_REPLAY_RESET_MANY " THEN EXCLUDED.stream_seq"
-    "                    WHEN j.status IN ('succeeded', 'dead') THEN j.stream_seq"
-    "                    ELSE EXCLUDED.stream_seq END,"
-    "  updated_at = CASE WHEN " SQL_REPLAY_RESET_MANY " OR j.status NOT IN ('succeeded', 'dead')"
-    "                    THEN now() ELSE j.updated_at END"
+    SQL_BEGIN_CONFLICT(SQL_REPLAY_RESET_MANY)
     " RETURNING j.job_id, (j.xmax = 0) AS inserted, j.status, j.attempts";
 
 static const char SQL_FINISH_MANY[] =
@@ -124,14 +119,7 @@ static const char SQL_FINISH_MANY[] =
     " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],"
     " $7::text[], $8::text[], $9::bigint[])"
     " AS u(job_id, service, priority, type, tenant, status, result, error, stream_seq)"
-    " ON CONFLICT (job_id) DO UPDATE SET"
-    "  status = EXCLUDED.status,"
-    "  result = EXCLUDED.result,"
-    "  error = EXCLUDED.error,"
-    "  stream_seq = EXCLUDED.stream_seq,"
-    "  finished_at = EXCLUDED.finished_at,"
-    "  updated_at = now()"
-    " WHERE j.status NOT IN ('succeeded', 'dead')";
+    SQL_FINISH_CONFLICT;
 
 static const jf_pg_statement STATEMENTS[] = {
     {STMT_BEGIN, SQL_BEGIN},

@@ -43,8 +43,7 @@ import natsauth
 import test_deploy as deploy
 from jfharness import (CONSUMER, PUBLISHER, SOURCE_DIR, free_port, log_msgs, make_config,
                        publisher_json, read_log_lines, wait_for, write_config)
-from pgharness import PSQL, PostgresServer
-from pgharness import available as pg_available
+from pgharness import PSQL, PostgresMixin
 
 ROLES_SQL = os.path.join(SOURCE_DIR, "deploy", "postgres", "roles.sql")
 PG_ROLES = ("jetfleet_owner", "jetfleet_consumer", "jetfleet_reader")
@@ -323,28 +322,8 @@ class PgRoles:
                               env=env, timeout=30)
 
 
-class PgCase(NatsCase):
-    """NatsCase with a PostgreSQL server (skipped without PostgreSQL)."""
-
-    def setUp(self):
-        ok, why = pg_available()
-        if not ok:
-            self.skipTest("no PostgreSQL: " + why)
-        super().setUp()
-        self.pg = PostgresServer()
-        self.progs.logs.append(("postgresql", self.pg.log_path))
-        try:
-            self.pg.start()
-        except BaseException:
-            self.pg.cleanup()
-            super().tearDown()
-            raise
-
-    def tearDown(self):
-        try:
-            super().tearDown()
-        finally:
-            self.pg.cleanup()
+class PgCase(PostgresMixin, NatsCase):
+    """NatsCase with a PostgreSQL server per test (skipped without PostgreSQL)."""
 
 
 class TestPostgresLeastPrivilege(PgCase):
