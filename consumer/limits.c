@@ -925,13 +925,24 @@ static jf_status open_bucket(jf_limits *lim, jsCtx *js, const jf_config *cfg, jf
     lim->js = js;
     lim->replicas = cfg->stream.replicas;
     natsStatus s = js_KeyValue(&lim->kv, js, BUCKET);
-    if (s == NATS_NOT_FOUND) {
+    char create_err[256] = "";
+    /* Consumers started together all find no bucket and all create it;
+     * nats-server 2.9 may refuse the creates that race with the first
+     * ("subjects overlap with an existing stream") although the configs
+     * are the same. A refused create looks again before giving up. */
+    for (int attempt = 0; s == NATS_NOT_FOUND && attempt < 3; attempt++) {
         kvConfig kc;
         bucket_config(&kc, lim->replicas);
         s = js_CreateKeyValue(&lim->kv, js, &kc);
+        if (s == NATS_OK)
+            break;
+        const char *d = nats_GetLastError(NULL);
+        snprintf(create_err, sizeof create_err, "%s", d != NULL ? d : "");
+        nats_Sleep(100 * (attempt + 1));
+        s = js_KeyValue(&lim->kv, js, BUCKET);
     }
     if (s != NATS_OK) {
-        const char *detail = nats_GetLastError(NULL);
+        const char *detail = create_err[0] != '\0' ? create_err : nats_GetLastError(NULL);
         if (detail != NULL && detail[0] == '\0')
             detail = NULL;
         jf_error_set(err, "KV bucket %s: cannot open or create it: %s%s%s", BUCKET,
