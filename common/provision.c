@@ -157,12 +157,23 @@ static jf_status verify_stream(const jsStreamConfig *have, const stream_want *w,
     return JF_OK;
 }
 
+/* Right after a cluster forms, or while its JetStream meta leader changes,
+ * API requests can time out for a few seconds although nothing is wrong: a
+ * timed-out read is tried twice more, a second apart, before it is an error
+ * (programs started together with their servers would exit otherwise). */
+#define INFO_TRIES 3
+
 /* Reads the stream: JF_OK and verified, JF_ERR_NOTFOUND, or another error. */
 static jf_status check_stream(jsCtx *js, const stream_want *w, jf_error *err)
 {
     jsStreamInfo *si = NULL;
     jsErrCode code = 0;
     natsStatus s = js_GetStreamInfo(&si, js, w->name, NULL, &code);
+    for (int i = 1; s == NATS_TIMEOUT && i < INFO_TRIES; i++) {
+        nats_Sleep(1000);
+        code = 0;
+        s = js_GetStreamInfo(&si, js, w->name, NULL, &code);
+    }
     if (s == NATS_NOT_FOUND || code == JSStreamNotFoundErr) {
         jsStreamInfo_Destroy(si);
         jf_error_set(err, "stream %s does not exist", w->name);
@@ -320,6 +331,11 @@ static jf_status check_durable(jsCtx *js, const durable_want *w, jf_error *err)
     jsConsumerInfo *ci = NULL;
     jsErrCode code = 0;
     natsStatus s = js_GetConsumerInfo(&ci, js, w->stream, w->name, NULL, &code);
+    for (int i = 1; s == NATS_TIMEOUT && i < INFO_TRIES; i++) {
+        nats_Sleep(1000);
+        code = 0;
+        s = js_GetConsumerInfo(&ci, js, w->stream, w->name, NULL, &code);
+    }
     if (code == JSStreamNotFoundErr) {
         jsConsumerInfo_Destroy(ci);
         jf_error_set(err, "durable %s: stream %s does not exist", w->name, w->stream);
