@@ -55,7 +55,7 @@ static const char SQL_FINISH[] =
     "  stream_seq = EXCLUDED.stream_seq,"
     "  finished_at = EXCLUDED.finished_at,"
     "  updated_at = now()"
-    " WHERE j.status <> 'succeeded'";
+    " WHERE j.status NOT IN ('succeeded', 'dead')";
 
 /* One statement awaiting its answer: which job, which step. */
 typedef struct req {
