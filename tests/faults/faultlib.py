@@ -141,7 +141,6 @@ import collections
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -768,28 +767,16 @@ class FaultTestCase(unittest.TestCase):
 
     _has_failed = jh.JetfleetTestCase._has_failed
 
-    def tearDown(self):
-        failed = self._has_failed()
-        try:
-            self.progs.cleanup()
-        finally:
-            reports = self.progs.sanitizer_reports()
-            if failed or reports or os.environ.get("JETFLEET_IT_VERBOSE"):
-                self.dump_logs()
-            for run in self._runs:
-                run.close_client()
-            for fn in self._cleanups_first + self._cleanups_last:
-                try:
-                    fn()
-                except Exception as e:  # cleanup must go on
-                    sys.stderr.write("cleanup %r: %s\n" % (fn, e))
-            if os.environ.get("JETFLEET_IT_KEEP") or failed or reports:
-                sys.stderr.write("[%s] kept %s\n" % (self.id(), self.tmp))
-            else:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-        if reports and not failed:
-            self.fail("sanitizer report in " + ", ".join(
-                "%s (%s)" % (name, marker) for name, _, marker in reports))
+    tearDown = jh.JetfleetTestCase.tearDown
+
+    def _stop_servers(self):
+        for run in self._runs:
+            run.close_client()
+        for fn in self._cleanups_first + self._cleanups_last:
+            try:
+                fn()
+            except Exception as e:  # cleanup must go on
+                sys.stderr.write("cleanup %r: %s\n" % (fn, e))
 
     def dump_logs(self, lines=40):
         out = ["", "=" * 70, "logs of %s (%s)" % (self.id(), self.tmp)]

@@ -1016,10 +1016,7 @@ class JetfleetTestCase(unittest.TestCase):
             reports = self.progs.sanitizer_reports()
             if failed or reports or os.environ.get("JETFLEET_IT_VERBOSE"):
                 self.dump_logs()
-            try:
-                self.nc.close()
-            finally:
-                self.nats.stop()
+            self._stop_servers()
             if os.environ.get("JETFLEET_IT_KEEP") or failed or reports:
                 sys.stderr.write("[%s] kept %s\n" % (self.id(), self.tmp))
             else:
@@ -1027,6 +1024,14 @@ class JetfleetTestCase(unittest.TestCase):
         if reports and not failed:
             self.fail("sanitizer report in " + ", ".join(
                 "%s (%s)" % (name, marker) for name, _, marker in reports))
+
+    def _stop_servers(self):
+        """The servers of the test, once its programs are gone (a test case
+        with other servers overrides this and borrows tearDown)."""
+        try:
+            self.nc.close()
+        finally:
+            self.nats.stop()
 
     def _has_failed(self):
         # unittest resets its success flag for each part (setUp, test,
